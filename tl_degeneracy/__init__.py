@@ -5,3 +5,17 @@ See ``SPEC.md`` conventions: statistics are collected by :func:`collect`, analys
 """
 
 __version__ = "0.1.0"
+
+from tl_degeneracy.collect import collect
+from tl_degeneracy.data import TokenBatch, TokenBatches, bundled_data_path, token_batches
+from tl_degeneracy.errors import (
+    BadInputError,
+    IncompatibleStatsError,
+    NonFiniteError,
+    SamplerDivergedError,
+    TLDegeneracyError,
+    UnknownHookError,
+)
+from tl_degeneracy.model import ModelAdapter, load_model
+from tl_degeneracy.sites import SITE_KINDS, resolve_sites
+from tl_degeneracy.stats import Stats

@@ -1,0 +1,279 @@
+"""The model adapter: the one place that knows TransformerLens 3.x from 4.x.
+
+TransformerLens 4.x gives a ``TransformerBridge`` (legacy hook names are aliases, parameters keep their
+HuggingFace names); 3.x gives a ``HookedTransformer`` (legacy hook names are native). Both expose
+``hooks()``, ``cfg``, ``to_tokens`` and a forward that maps tokens [B, T] to logits [B, T, V]. Every other
+module talks to a model through :class:`ModelAdapter` and never imports a version-specific name.
+
+Example::
+
+    model = tld.load_model("data/stdlib-gpt2")          # a local save_pretrained folder, offline
+    adapter = tld.ModelAdapter(model)
+    adapter.has_hook("blocks.0.hook_resid_pre")          # True on both majors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib.metadata
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from tl_degeneracy.errors import BadInputError, UnknownHookError
+
+# Hooks that exist but raise (4.x) or never fire (3.x) until a cfg flag is switched on.
+_GATED_HOOKS = {
+    "attn.hook_result": ("use_attn_result", "model.set_use_attn_result(True)"),
+    "hook_mlp_in": ("use_hook_mlp_in", "model.set_use_hook_mlp_in(True)"),
+    "attn.hook_attn_in": ("use_attn_in", "model.set_use_attn_in(True)"),
+    "hook_q_input": ("use_split_qkv_input", "model.set_use_split_qkv_input(True)"),
+    "hook_k_input": ("use_split_qkv_input", "model.set_use_split_qkv_input(True)"),
+    "hook_v_input": ("use_split_qkv_input", "model.set_use_split_qkv_input(True)"),
+}
+
+# Legacy (HookedTransformer-style) hook names, per layer and global; used for listing close matches.
+_LEGACY_BLOCK_HOOKS = (
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "mlp.hook_pre", "mlp.hook_post", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z",
+    "attn.hook_pattern", "attn.hook_attn_scores", "ln1.hook_normalized", "ln1.hook_scale",
+    "ln2.hook_normalized", "ln2.hook_scale",
+)
+_LEGACY_GLOBAL_HOOKS = (
+    "hook_embed", "hook_pos_embed", "ln_final.hook_normalized", "ln_final.hook_scale", "hook_unembed",
+)
+
+
+def transformer_lens_version() -> str:
+    """The installed TransformerLens version string, e.g. ``"4.3.0"``."""
+    return importlib.metadata.version("transformer-lens")
+
+
+def _is_bridge(model: Any) -> bool:
+    return type(model).__module__.startswith("transformer_lens.model_bridge")
+
+
+class ModelAdapter:
+    """A TransformerLens model (4.x ``TransformerBridge`` or 3.x ``HookedTransformer``) seen one way.
+
+    Attributes mirror the ``cfg`` fields the library uses: ``n_layers``, ``d_model``, ``d_mlp``,
+    ``n_heads``, ``d_head``, ``d_vocab``, ``n_ctx``, ``act_fn``.
+    """
+
+    def __init__(self, model: Any):
+        if isinstance(model, ModelAdapter):
+            model = model.model
+        if not (hasattr(model, "hooks") and hasattr(model, "cfg")):
+            raise BadInputError(
+                f"expected a TransformerLens model (TransformerBridge or HookedTransformer), got "
+                f"{type(model).__name__}; load one with tld.load_model(name_or_path)"
+            )
+        self.model = model
+        self.is_bridge = _is_bridge(model)
+        cfg = model.cfg
+        self.n_layers: int = int(cfg.n_layers)
+        self.d_model: int = int(cfg.d_model)
+        self.d_mlp: int | None = None if cfg.d_mlp is None else int(cfg.d_mlp)
+        self.n_heads: int = int(cfg.n_heads)
+        self.d_head: int = int(cfg.d_head)
+        self.d_vocab: int = int(cfg.d_vocab)
+        self.n_ctx: int = int(cfg.n_ctx)
+        self.act_fn: str | None = getattr(cfg, "act_fn", None)
+
+    # ---- identity -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.model, "tokenizer", None)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        tok = self.tokenizer
+        return None if tok is None or tok.bos_token_id is None else int(tok.bos_token_id)
+
+    @property
+    def compatibility_mode(self) -> bool:
+        """4.x: whether ``enable_compatibility_mode()`` folded LayerNorm; 3.x models are always 'compatible'."""
+        if self.is_bridge:
+            return bool(getattr(self.model, "compatibility_mode", False))
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return torch.device("cpu") if p is None else p.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return torch.float32 if p is None else p.dtype
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.model.cfg, "model_name", None) or type(self.model).__name__)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description recorded with every result (model identity and the conventions in force)."""
+        return {
+            "model_name": self.model_name,
+            "model_class": type(self.model).__name__,
+            "transformer_lens_version": transformer_lens_version(),
+            "compatibility_mode": self.compatibility_mode,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "n_heads": self.n_heads,
+            "d_head": self.d_head,
+            "d_vocab": self.d_vocab,
+            "n_ctx": self.n_ctx,
+            "act_fn": self.act_fn,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _hook_point(self, name: str) -> Any:
+        if self.is_bridge:
+            return self.model.get_hook_point(name)
+        return self.model.hook_dict.get(name)
+
+    def has_hook(self, name: str) -> bool:
+        return self._hook_point(name) is not None
+
+    def hook_names(self) -> list[str]:
+        """Every hook name the model answers to (legacy aliases included on 4.x)."""
+        names = set(self.model.hook_dict)
+        legacy = [f"blocks.{layer}.{h}" for layer in range(self.n_layers) for h in _LEGACY_BLOCK_HOOKS]
+        names.update(n for n in (*legacy, *_LEGACY_GLOBAL_HOOKS) if self.has_hook(n))
+        return sorted(names)
+
+    def check_hooks(self, names: Sequence[str]) -> None:
+        """Raise :class:`UnknownHookError` for the first name the model lacks or has switched off."""
+        for name in names:
+            if not self.has_hook(name):
+                close = difflib.get_close_matches(name, self.hook_names(), n=5, cutoff=0.6)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise UnknownHookError(
+                    f"the model has no hook named '{name}'{hint}. "
+                    f"Layers are 0..{self.n_layers - 1}; see tld.SITE_KINDS for the site kinds."
+                )
+            for suffix, (flag, call) in _GATED_HOOKS.items():
+                if name.endswith(suffix) and not getattr(self.model.cfg, flag, False):
+                    raise UnknownHookError(
+                        f"hook '{name}' is switched off in this model (cfg.{flag} is False); call {call} first"
+                    )
+
+    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = ()) -> contextlib.AbstractContextManager:
+        """Exception-safe context that attaches ``(name, fn)`` hooks and removes them on exit."""
+        return self.model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+
+    # ---- running --------------------------------------------------------------------------------
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos vocab"]:
+        return self.model(tokens)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (no BOS added)."""
+        if self.tokenizer is None:
+            raise BadInputError(
+                "the model has no tokenizer, so text cannot be tokenised; pass token ids (a LongTensor) instead"
+            )
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Switch every module to eval for the duration; restore each module's own mode afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    @contextlib.contextmanager
+    def frozen_parameters(self) -> Iterator[None]:
+        """Parameters stop requiring grad (no weight gradients anywhere); flags restored afterwards."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def as_adapter(model: Any) -> ModelAdapter:
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Load a TransformerLens model in eval mode: a hub name (needs a network) or a local folder.
+
+    On TransformerLens 4.x this is ``TransformerBridge.boot_transformers`` (a folder written by
+    ``save_pretrained`` loads offline). On 3.x a hub name goes through ``HookedTransformer.from_pretrained``
+    and a local GPT-2 folder is converted with TransformerLens's own GPT-2 weight conversion.
+    """
+    path = Path(name_or_path)
+    is_local = path.exists()
+    if not is_local and (os.sep in str(name_or_path) or str(name_or_path).startswith(".")):
+        raise BadInputError(f"model folder '{name_or_path}' does not exist")
+    if is_local and not (path / "config.json").exists():
+        raise BadInputError(
+            f"'{path}' has no config.json: pass a folder written by save_pretrained (model + tokenizer)"
+        )
+    try:
+        if transformer_lens_version().startswith(("0.", "1.", "2.", "3.")):
+            model = _load_tl3(str(name_or_path), is_local=is_local, device=device, dtype=dtype)
+        else:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(str(name_or_path), device=device, dtype=dtype)
+    except (OSError, ConnectionError) as err:
+        if is_local:
+            raise
+        raise BadInputError(
+            f"could not load '{name_or_path}': it is not a local folder, and fetching it from the hub failed "
+            f"({type(err).__name__}: {str(err)[:200]}). Offline, pass a folder written by save_pretrained, "
+            f"e.g. the bundled model tld.bundled_model_path()"
+        ) from err
+    model.eval()
+    return model
+
+
+def _load_tl3(name: str, *, is_local: bool, device: Any, dtype: torch.dtype) -> Any:
+    from transformer_lens import HookedTransformer
+
+    if not is_local:
+        return HookedTransformer.from_pretrained(name, device=str(device), dtype=dtype)
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(name, torch_dtype=dtype)
+    hc = hf.config
+    if hc.model_type != "gpt2":
+        raise BadInputError(
+            f"offline loading of a local folder on TransformerLens 3.x supports GPT-2 models, got "
+            f"'{hc.model_type}'; upgrade to transformer-lens>=4 (TransformerBridge) for other architectures"
+        )
+    cfg = HookedTransformerConfig(
+        n_layers=hc.n_layer, d_model=hc.n_embd, n_ctx=hc.n_positions, d_head=hc.n_embd // hc.n_head,
+        n_heads=hc.n_head, d_mlp=hc.n_inner or 4 * hc.n_embd, d_vocab=hc.vocab_size, act_fn="gelu_new",
+        normalization_type="LN", eps=hc.layer_norm_epsilon, model_name=Path(name).name,
+        default_prepend_bos=True, device=str(device), dtype=dtype, original_architecture="GPT2LMHeadModel",
+    )
+    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(name), move_to_device=True)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False,
+    )
+    return model.to(device)

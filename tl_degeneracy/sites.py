@@ -1,0 +1,96 @@
+"""Sites: the hook points whose activations we study (SPEC §0).
+
+Example::
+
+    tld.resolve_sites(model, ["resid_pre", "mlp_post"], layers=[0, 1])
+    # ['blocks.0.hook_resid_pre', 'blocks.1.hook_resid_pre', 'blocks.0.mlp.hook_post', 'blocks.1.mlp.hook_post']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.model import as_adapter
+
+#: site kind -> hook-name template ({l} is the layer); ``ln_final`` has no layer.
+SITE_KINDS: dict[str, str] = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "mlp_pre": "blocks.{l}.mlp.hook_pre",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+    "attn_z": "blocks.{l}.attn.hook_z",
+    "attn_pattern": "blocks.{l}.attn.hook_pattern",
+    "ln_final": "ln_final.hook_normalized",
+}
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def site_layer(name: str) -> int | None:
+    """Layer index of a hook name (``None`` for hooks outside the blocks, e.g. ``ln_final``)."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def site_kind(name: str) -> str | None:
+    """The SPEC site kind of a hook name, or ``None`` for other hooks."""
+    for kind, template in SITE_KINDS.items():
+        if re.fullmatch(re.escape(template).replace(r"\{l\}", r"\d+"), name):
+            return kind
+    return None
+
+
+def site_dim(model: Any, name: str) -> int:
+    """Width d of a site's activation vector (``attn_z`` flattens heads: n_heads * d_head)."""
+    adapter = as_adapter(model)
+    kind = site_kind(name)
+    if kind in ("mlp_pre", "mlp_post"):
+        if adapter.d_mlp is None:
+            raise BadInputError(f"site '{name}': this model has no MLP (cfg.d_mlp is None)")
+        return adapter.d_mlp
+    if kind == "attn_z":
+        return adapter.n_heads * adapter.d_head
+    if kind == "attn_pattern":
+        raise BadInputError("attn_pattern is used for head synchronisation only, not as a vector site")
+    return adapter.d_model
+
+
+def resolve_sites(model: Any, kinds: str | Iterable[str], layers: Iterable[int] | None = None) -> list[str]:
+    """Hook names for the given site kinds and layers, checked against the model before any computation.
+
+    ``kinds`` are SPEC site kinds (``"resid_pre"``, ``"mlp_post"``, ...) or explicit hook names; ``layers``
+    defaults to every layer. Names are grouped by kind, layers ascending. Unknown kinds, out-of-range
+    layers and hook names the model lacks fail with the valid choices / close matches.
+    """
+    adapter = as_adapter(model)
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = list(kinds)
+    if not kinds:
+        raise BadInputError("no site kinds given; choose from " + ", ".join(SITE_KINDS))
+    all_layers = list(range(adapter.n_layers))
+    layer_list = all_layers if layers is None else [int(x) for x in layers]
+    bad = [x for x in layer_list if not 0 <= x < adapter.n_layers]
+    if bad:
+        raise BadInputError(f"layers {bad} out of range: the model has layers 0..{adapter.n_layers - 1}")
+    names: list[str] = []
+    for kind in kinds:
+        if kind in SITE_KINDS:
+            template = SITE_KINDS[kind]
+            new = [template] if "{l}" not in template else [template.format(l=x) for x in layer_list]
+        elif "." in kind or kind.startswith("hook_"):
+            new = [kind]
+        else:
+            raise BadInputError(f"unknown site kind '{kind}'; choose from {', '.join(SITE_KINDS)} or a hook name")
+        names.extend(n for n in new if n not in names)
+    adapter.check_hooks(names)
+    return names
+
+
+def check_sites(model: Any, sites: Sequence[str]) -> list[str]:
+    """Validate explicit hook names (deduplicated, order kept); accepts site kinds too."""
+    return resolve_sites(model, list(sites))
