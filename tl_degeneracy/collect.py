@@ -163,7 +163,9 @@ def _components(
     return comps
 
 
-def run_batch(adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int) -> dict[str, torch.Tensor]:
+def run_batch(
+    adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int
+) -> dict[str, torch.Tensor]:
     """One forward (and whatever backward passes the components ask for); returns the batch's increments."""
     device = adapter.device
     gen = torch.Generator(device=device)

@@ -49,7 +49,9 @@ class TokenBatches:
 
     def __post_init__(self) -> None:
         if self.tokens.shape != self.mask.shape or self.tokens.ndim != 2:
-            raise BadInputError(f"tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} must be [rows, T]")
+            raise BadInputError(
+                f"tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} must both be [rows, T]"
+            )
         if self.batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1, got {self.batch_size}")
 
