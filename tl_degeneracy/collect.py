@@ -274,7 +274,7 @@ def collect(
         if checkpoint is None:
             raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
         if Path(checkpoint).exists():
-            stats = Stats.load(checkpoint)
+            stats = Stats.load(checkpoint).to(adapter.device)
             for key in ("model", "sites", "jacobian", "head_sync", "neuron_sync", "data"):
                 if stats.meta.get(key) != meta[key]:
                     raise IncompatibleStatsError(
@@ -301,6 +301,7 @@ def collect(
     finally:
         bar.close()
     stats.meta["seconds"] = stats.meta.get("seconds", 0.0) + time.perf_counter() - start
+    stats.to("cpu")
     if checkpoint is not None:
         stats.save(checkpoint)
     return stats

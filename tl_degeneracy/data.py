@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,9 @@ from safetensors.torch import load_file
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.model import as_adapter
 
-#: folder of the data shipped with the project (the bundled model and token files)
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: folder of the data shipped with the project (the bundled model and token files); the repository's
+#: ``data/`` (a source checkout or an editable install), or ``$TL_DEGENERACY_DATA`` when set
+DATA_DIR = Path(os.environ.get("TL_DEGENERACY_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,20 @@ class TokenBatches:
         """Check ids and length against a model (the model may differ from the one that built the batches)."""
         adapter = as_adapter(model)
         _validate(self.tokens, self.mask, adapter.d_vocab, adapter.n_ctx)
+
+
+def bundled_model_path() -> Path:
+    """Folder of the small GPT-2 trained on the Python standard library that ships in ``data/``.
+
+    Load it offline with ``tld.load_model(tld.bundled_model_path())``.
+    """
+    path = DATA_DIR / "stdlib-gpt2"
+    if not (path / "config.json").exists():
+        raise BadInputError(
+            f"the bundled model is not at '{path}': use a source checkout of tl_degeneracy (pip install -e .) "
+            "or set TL_DEGENERACY_DATA to the folder holding stdlib-gpt2/"
+        )
+    return path
 
 
 def bundled_data_path(name: str = "stdlib-heldout") -> Path:

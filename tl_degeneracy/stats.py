@@ -88,13 +88,22 @@ class Stats:
 
     # ---- arithmetic -----------------------------------------------------------------------------
     def add_(self, increments: dict[str, torch.Tensor]) -> None:
-        """Add per-batch increments into the totals (float64 / int64), creating entries on first use."""
+        """Add per-batch increments into the totals (float64 / int64), creating entries on first use.
+
+        Totals stay on the device they were created on (the model's, during :func:`collect`), so a GPU run
+        never copies d×d increments to the host per batch.
+        """
         for key, inc in increments.items():
-            inc = inc.detach().to("cpu", torch.int64 if not inc.is_floating_point() else torch.float64)
+            inc = inc.detach().to(torch.float64 if inc.is_floating_point() else torch.int64)
             if key in self.tensors:
-                self.tensors[key] += inc
+                self.tensors[key] += inc.to(self.tensors[key].device)
             else:
                 self.tensors[key] = inc.clone()
+
+    def to(self, device: str | torch.device) -> Stats:
+        """Move the totals to ``device`` in place (returns self)."""
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
 
     def _check_compatible(self, other: Stats, action: str) -> None:
         for key in _IDENTITY_KEYS:
@@ -127,7 +136,7 @@ class Stats:
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta_json = json.dumps(self.meta, indent=1, sort_keys=True)
-        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: meta_json}))
         _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(meta_json + "\n"))
         return path
