@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from tl_degeneracy import __version__
 from tl_degeneracy.data import TokenBatch, TokenBatches
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError, NonFiniteError
+from tl_degeneracy.memory import available_bytes, plan_memory
 from tl_degeneracy.model import ModelAdapter, as_adapter
 from tl_degeneracy.sites import resolve_sites, site_kind
 from tl_degeneracy.stats import Stats
@@ -54,10 +56,15 @@ class BatchContext:
     increments: dict[str, torch.Tensor]
     generator: torch.Generator
     adapter: ModelAdapter
+    precision: str = "accurate"
     fired: set[str] = field(default_factory=set)
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.increments[key] = self.increments[key] + value if key in self.increments else value
+
+    def gram(self, x: Float[torch.Tensor, "n d"]) -> Float[torch.Tensor, "d d"]:
+        """xᵀx of one batch's rows in float32 at this pass's precision (see :func:`gram_increment`)."""
+        return gram_increment(x, fast=self.precision == "fast")
 
 
 class Component:
@@ -97,10 +104,21 @@ def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
         )
 
 
-def gram_increment(x: Float[torch.Tensor, "n d"]) -> Float[torch.Tensor, "d d"]:
-    """xᵀx of one batch's rows in float32 (TF32 is off during :func:`collect`); callers add it in float64."""
-    x = x.float()
-    return x.T @ x
+def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
+    """xᵀx of one batch's rows with float32 output; callers add it to float64 totals.
+
+    Accurate: float32 inputs and products (TF32 is off during :func:`collect`). Fast: bfloat16 inputs with
+    float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; on other devices the same
+    numbers by rounding the inputs to bfloat16 and multiplying in float32).
+    """
+    if not fast:
+        x = x.float()
+        return x.T @ x
+    xb = x.to(torch.bfloat16)
+    if xb.is_cuda:
+        return torch.mm(xb.T, xb, out_dtype=torch.float32)
+    xf = xb.float()
+    return xf.T @ xf
 
 
 class ActivationMoments(Component):
@@ -120,7 +138,7 @@ class ActivationMoments(Component):
                 x = a[ctx.mask]
                 ctx.add(f"act/{site}/n", torch.tensor(x.shape[0], dtype=torch.int64))
                 ctx.add(f"act/{site}/sum", x.double().sum(0))
-                ctx.add(f"act/{site}/outer", gram_increment(x))
+                ctx.add(f"act/{site}/outer", ctx.gram(x))
                 ctx.fired.add(site)
 
             return hook
@@ -145,39 +163,39 @@ def accurate_matmuls() -> Iterator[None]:
 
 def _components(
     adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int,
-    head_sync: bool, neuron_sync: bool, sync_layers: Sequence[int] | None,
+    precision: str, head_layers: Sequence[int], neuron_layers: Sequence[int],
 ) -> list[Component]:
     comps: list[Component] = [ActivationMoments(sites)]
-    if jacobian is not None:
+    if jacobian is not None and sites:
         from tl_degeneracy.jacobian import JacobianMoments
 
         comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes))
-    if head_sync or neuron_sync:
+    if head_layers or neuron_layers:
         from tl_degeneracy.sync import HeadSyncSums, NeuronSyncSums
 
-        layers = list(range(adapter.n_layers)) if sync_layers is None else list(sync_layers)
-        if head_sync:
-            comps.append(HeadSyncSums(adapter, layers))
-        if neuron_sync:
-            comps.append(NeuronSyncSums(adapter, layers))
+        if head_layers:
+            comps.append(HeadSyncSums(adapter, list(head_layers)))
+        if neuron_layers:
+            comps.append(NeuronSyncSums(adapter, list(neuron_layers)))
     return comps
 
 
 def run_batch(
-    adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int
+    adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int, *, precision: str = "accurate"
 ) -> dict[str, torch.Tensor]:
     """One forward (and whatever backward passes the components ask for); returns the batch's increments."""
     device = adapter.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + batch.index)
-    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter)
+    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision)
     fwd = [h for c in comps for h in c.fwd_hooks(ctx)]
     bwd = [h for c in comps for h in c.bwd_hooks(ctx)]
     needs_logits = any(c.needs_logits for c in comps)
     if not needs_logits:
         fwd = _with_early_stop(fwd, ctx)
     logits = None
-    with adapter.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "fast")
+    with adapter.hooks(fwd_hooks=fwd, bwd_hooks=bwd), autocast:
         with torch.set_grad_enabled(needs_logits):
             try:
                 logits = adapter.forward(batch.tokens.to(device))
@@ -220,18 +238,29 @@ def collect(
     head_sync: bool = False,
     neuron_sync: bool = False,
     sync_layers: Sequence[int] | None = None,
+    precision: str = "accurate",
+    memory_budget: float | str | None = "auto",
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
 ) -> Stats:
-    """Stream activation statistics (and optionally Jacobian and synchronisation sums) in one pass.
+    """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
 
-    Per site: n, s = Σ_t a_t and S = Σ_t a_t a_tᵀ over counted tokens (SPEC §1), per-batch products in
-    float32 with TF32 off, totals in float64. With ``jacobian="kl" | "mse"``: Σ_t g_t g_tᵀ with
-    E[g gᵀ] = J_tᵀ F J_t (SPEC §2). The model runs in eval mode with frozen parameters (no weight gradient
-    is ever computed); its mode, ``requires_grad`` flags and the user's own hooks are restored afterwards,
-    also after an exception.
+    Per site: n, s = Σ_t a_t and S = Σ_t a_t a_tᵀ over counted tokens (SPEC §1), totals in float64. With
+    ``jacobian="kl" | "mse"``: Σ_t g_t g_tᵀ with E[g gᵀ] = J_tᵀ F J_t (SPEC §2), K = ``n_probes`` backward
+    passes per batch for all sites together. The model runs in eval mode with frozen parameters (no weight
+    gradient is ever computed); its mode, ``requires_grad`` flags and the user's own hooks are restored
+    afterwards, also after an exception.
+
+    ``precision="accurate"`` (default): float32 model and products with TF32 off. ``"fast"``: the forward and
+    backward under bfloat16 autocast and Gram products of bfloat16 inputs with float32 output; totals stay
+    float64 (see benchmarks/RESULTS.md for its measured noise floor).
+
+    ``memory_budget``: ``"auto"`` plans against the device's free memory, a number of bytes simulates a
+    budget, ``None`` plans nothing. A plan that does not fit splits the statistics over several passes over
+    the data (same probes in each, so the totals equal one pass) and may lower the batch size; it warns and
+    records the plan in ``stats.meta["memory_plan"]``.
 
     ``checkpoint``: a ``.safetensors`` path rewritten atomically every ``checkpoint_every`` batches and at the
     end; ``resume=True`` continues from it (same model, sites, settings and data, else
@@ -246,51 +275,107 @@ def collect(
         raise BadInputError(f"jacobian must be None, 'kl' or 'mse', got {jacobian!r}")
     if estimator not in ("probe", "exact"):
         raise BadInputError(f"estimator must be 'probe' or 'exact', got {estimator!r}")
+    if precision not in ("accurate", "fast"):
+        raise BadInputError(f"precision must be 'accurate' or 'fast', got {precision!r}")
     if n_probes < 1:
         raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
     if checkpoint_every < 1:
         raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    comps = _components(adapter, site_list, jacobian=jacobian, estimator=estimator, n_probes=n_probes,
-                        head_sync=head_sync, neuron_sync=neuron_sync, sync_layers=sync_layers)
+    if resume and checkpoint is None:
+        raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    layers = list(range(adapter.n_layers)) if sync_layers is None else [int(x) for x in sync_layers]
+    if any(not 0 <= x < adapter.n_layers for x in layers):
+        raise BadInputError(f"sync_layers {layers} out of range: the model has layers 0..{adapter.n_layers - 1}")
+    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
+    comps = _components(adapter, site_list, head_layers=layers if head_sync else [],
+                        neuron_layers=layers if neuron_sync else [], **settings)
     adapter.check_hooks([n for c in comps for n in c.hook_names()])
+
+    plan = plan_memory(adapter, site_list, batch_size=data.batch_size, seq_len=data.seq_len,
+                       jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
+                       neuron_sync_layers=layers if neuron_sync else (), precision=precision,
+                       budget_bytes=_budget(memory_budget, adapter.device))
+    if plan.notes:
+        warnings.warn(plan.describe(), stacklevel=2)
+    if plan.batch_size != data.batch_size:
+        data = TokenBatches(data.tokens, data.mask, plan.batch_size, data.description)
 
     meta = {
         "model": adapter.describe(),
         "sites": site_list,
         "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
-                     "n_probes": n_probes if jacobian == "kl" or jacobian == "mse" else None,
-                     "seed": seed if jacobian else None},
-        "head_sync": head_sync,
-        "neuron_sync": neuron_sync,
+                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None},
+        "head_sync": layers if head_sync else False,
+        "neuron_sync": layers if neuron_sync else False,
         "components": {type(c).__name__: c.meta() for c in comps},
         "data": data.describe(),
         "library_version": __version__,
+        "precision": precision,
         "accumulator_dtype": "float64",
-        "product_dtype": "float32 (TF32 off)",
+        "product_dtype": "float32 (TF32 off)" if precision == "accurate" else "bfloat16 inputs, float32 output",
         "seed": seed,
+        "memory_plan": plan.to_dict(),
     }
+    parts = []
+    for i, group in enumerate(plan.passes):
+        g_sites = [u.site for u in group if u.site is not None]
+        g_comps = _components(adapter, g_sites, head_layers=[u.head_layer for u in group if u.head_layer is not None],
+                              neuron_layers=[u.neuron_layer for u in group if u.neuron_layer is not None],
+                              **settings)
+        g_meta = meta if plan.n_passes == 1 else {**meta, "sites": g_sites, "pass": [i, plan.n_passes],
+                                                  "components": {type(c).__name__: c.meta() for c in g_comps}}
+        g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)
+        desc = "collect" if plan.n_passes == 1 else f"collect pass {i + 1}/{plan.n_passes}"
+        parts.append(_run_pass(adapter, data, g_comps, g_meta, seed=seed, precision=precision, checkpoint=g_ckpt,
+                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc))
+    if plan.n_passes == 1:
+        return parts[0]
+    stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
+        **meta, "n_tokens": parts[0].n_tokens, "batches_done": parts[0].meta["batches_done"],
+        "seconds": sum(p.meta["seconds"] for p in parts)})
+    if checkpoint is not None:
+        stats.save(checkpoint)
+    return stats
+
+
+def _budget(memory_budget: float | str | None, device: torch.device) -> float | None:
+    if memory_budget is None:
+        return None
+    if memory_budget == "auto":
+        return float(available_bytes(device))
+    if isinstance(memory_budget, str) or memory_budget <= 0:
+        raise BadInputError(f"memory_budget must be 'auto', None or a positive number of bytes, got {memory_budget!r}")
+    return float(memory_budget)
+
+
+def _pass_path(checkpoint: Path, i: int) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.pass{i}.safetensors")
+
+
+def _run_pass(
+    adapter: ModelAdapter, data: TokenBatches, comps: list[Component], meta: dict[str, Any], *, seed: int,
+    precision: str, checkpoint: str | Path | None, checkpoint_every: int, resume: bool, progress: bool, desc: str,
+) -> Stats:
+    """One pass over the data with the given components, checkpointed and resumable."""
     stats = Stats(meta={**meta, "n_tokens": 0, "batches_done": 0})
-    if resume:
-        if checkpoint is None:
-            raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
-        if Path(checkpoint).exists():
-            stats = Stats.load(checkpoint).to(adapter.device)
-            for key in ("model", "sites", "jacobian", "head_sync", "neuron_sync", "data"):
-                if stats.meta.get(key) != meta[key]:
-                    raise IncompatibleStatsError(
-                        f"checkpoint '{checkpoint}' was written with a different '{key}'; "
-                        "resume with the same model, sites, settings and data, or start afresh (resume=False)"
-                    )
+    if resume and Path(checkpoint).exists():
+        stats = Stats.load(checkpoint).to(adapter.device)
+        for key in ("model", "sites", "jacobian", "head_sync", "neuron_sync", "data", "precision"):
+            if stats.meta.get(key) != meta[key]:
+                raise IncompatibleStatsError(
+                    f"checkpoint '{checkpoint}' was written with a different '{key}'; "
+                    "resume with the same model, sites, settings and data, or start afresh (resume=False)"
+                )
     done = int(stats.meta["batches_done"])
     bar = tqdm(total=data.n_counted, initial=stats.n_tokens, unit="tok", unit_scale=True,
-               disable=not progress, desc="collect")
+               disable=not progress, desc=desc)
     start = time.perf_counter()
     try:
         with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
             for batch in data:
                 if batch.index < done:
                     continue
-                increments = run_batch(adapter, comps, batch, seed)
+                increments = run_batch(adapter, comps, batch, seed, precision=precision)
                 stats.add_(increments)
                 n_batch = int(batch.mask.sum())
                 stats.meta["n_tokens"] += n_batch

@@ -19,8 +19,9 @@ import difflib
 import importlib.metadata
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -205,9 +206,85 @@ class ModelAdapter:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
+    # ---- output-Jacobian support (added for tl_degeneracy.jacobian, issue 3) ---------------------------
+    def gradient_hooks(self, name: str) -> list[str]:
+        """Hooks whose backward-hook gradients add up to ∂(logits)/∂(the activation at ``name``).
+
+        Usually ``[name]``. On 4.x, ``blocks.{l}.hook_resid_mid`` is an alias of ``blocks.{l}.ln2.hook_in``,
+        the input of the second LayerNorm only: the residual skip to ``blocks.{l}.hook_resid_post`` bypasses
+        that hook, so its backward hook sees only the MLP path. In a sequential block
+        resid_post = resid_mid + MLP(LN2(resid_mid)), so the residual stream's gradient is the sum of the
+        gradients at both hooks.
+        """
+        layer = name.split(".")[1] if name.startswith("blocks.") and name.endswith(".hook_resid_mid") else None
+        if not self.is_bridge or layer is None:
+            return [name]
+        ln2_in = f"blocks.{layer}.ln2.hook_in"
+        if not self.has_hook(ln2_in) or self._hook_point(name) is not self._hook_point(ln2_in):
+            return [name]
+        if getattr(self.model.cfg, "parallel_attn_mlp", False):
+            raise BadInputError(
+                f"'{name}': this model runs attention and MLP in parallel, so it has no residual stream between "
+                "them; use hook_resid_pre or hook_resid_post for Jacobian statistics"
+            )
+        return [name, f"blocks.{layer}.hook_resid_post"]
+
+    def unembedding(self) -> Unembedding | None:
+        """The final affine map logits = x W_U + b_U and the hook that sees its input x, or ``None``.
+
+        ``None`` when the model transforms the logits further (a soft cap), or has no ``unembed.hook_in``.
+        Callers that rely on the map should still check it on their data (an architecture may scale logits
+        after the unembedding in code this adapter cannot see).
+        """
+        cap = getattr(self.model.cfg, "output_logits_soft_cap", None)
+        if (cap is not None and cap > 0) or not self.has_hook("unembed.hook_in"):
+            return None
+        try:
+            W_U, b_U = self.model.W_U, self.model.b_U
+        except (AttributeError, RuntimeError):
+            return None
+        return Unembedding("unembed.hook_in", W_U.detach(), b_U.detach())
+
+
+class Unembedding(NamedTuple):
+    """``hook`` sees x [batch, pos, d_model]; logits = x @ ``W_U`` [d_model, d_vocab] + ``b_U`` [d_vocab]."""
+
+    hook: str
+    W_U: Float[torch.Tensor, "d_model d_vocab"]
+    b_U: Float[torch.Tensor, " d_vocab"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a model without its weights, for planning (e.g. GPT-2 XL before loading it).
+
+    ``ModelShape.gpt2("xl")`` gives the published GPT-2 sizes; any field can be set by hand.
+    """
+
+    n_layers: int
+    d_model: int
+    d_mlp: int | None
+    n_heads: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    act_fn: str | None = "gelu_new"
+
+    @classmethod
+    def gpt2(cls, size: str = "small") -> ModelShape:
+        layers, width, heads = {"small": (12, 768, 12), "medium": (24, 1024, 16), "large": (36, 1280, 20),
+                                "xl": (48, 1600, 25)}[size]
+        return cls(layers, width, 4 * width, heads, width // heads, 50257, 1024)
+
+    @classmethod
+    def of(cls, model: Any) -> ModelShape:
+        a = as_adapter(model)
+        return cls(a.n_layers, a.d_model, a.d_mlp, a.n_heads, a.d_head, a.d_vocab, a.n_ctx, a.act_fn)
+
 
 def as_adapter(model: Any) -> ModelAdapter:
-    return model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    """The adapter of a model (a :class:`ModelShape` passes through: it has the same size attributes)."""
+    return model if isinstance(model, (ModelAdapter, ModelShape)) else ModelAdapter(model)
 
 
 def load_model(
