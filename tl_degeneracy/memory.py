@@ -160,8 +160,8 @@ def plan_memory(
 
     ``budget_bytes=None`` plans a single pass (no limit). The batch is halved only while one batch's working
     set plus the largest unit does not fit (a smaller batch wastes the device; an extra pass costs a
-    forward). Units are then packed largest first into as few passes as fit (first-fit decreasing). Raises :class:`BadInputError` if even a single unit with a
-    one-row batch cannot fit, naming the sizes.
+    forward). Units are then packed largest first into as few passes as fit (first-fit decreasing).
+    Raises :class:`BadInputError` if even a single unit with a one-row batch cannot fit, naming the sizes.
     """
     a = as_adapter(model)
     units = [Unit(s, site_unit_bytes(site_dim(a, s), jacobian=jacobian), site=s) for s in sites]
