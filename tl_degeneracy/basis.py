@@ -432,7 +432,7 @@ def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
     )
     try:
         M = stats.jacobian_gram(site)
-    except (LookupError, ValueError) as err:
+    except (BadInputError, KeyError) as err:  # what Stats (or a dict-backed stand-in) raises when absent
         raise BadInputError(hint) from err
     if M is None:
         raise BadInputError(hint)
