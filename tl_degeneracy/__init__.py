@@ -17,6 +17,7 @@ from tl_degeneracy.errors import (
     TLDegeneracyError,
     UnknownHookError,
 )
+from tl_degeneracy.llc import LLCResult, sgld_llc
 from tl_degeneracy.model import ModelAdapter, load_model
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats

@@ -1,0 +1,619 @@
+"""Local learning coefficient by stochastic-gradient Langevin dynamics (paper §2, SPEC §5).
+
+The generic, model-free core: :func:`sgld_llc` samples the localised tempered posterior
+
+    p(w) ∝ exp(−nβ·L(w) − (γ/2)‖w − w*‖²)
+
+around a point w* with SGLD and returns the estimator of the local learning coefficient
+
+    λ̂ = nβ · (E_p[L] − L(w*)),
+
+as an :class:`LLCResult` with the loss scale ε̂ = λ̂/nβ and the effective parameter count
+N_eff(ε̂) = 2λ̂ (paper eq. 9). :func:`tl_degeneracy.estimate_llc` builds the behavioral loss of a
+TransformerLens model on top of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_degeneracy.errors import BadInputError, SamplerDivergedError
+
+__all__ = ["LLCResult", "sgld_llc"]
+
+LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+_RESULT_TENSORS = "llc.safetensors"
+_RESULT_JSON = "llc.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LLCResult:
+    """The outcome of an SGLD estimate of the local learning coefficient (paper §2.1–2.2, SPEC §5).
+
+    Attributes:
+        llc_mean: λ̂, the mean over the surviving chains of the per-chain estimates
+            λ̂_c = nβ·(mean over post-burn-in draws of L − L(w*)).
+        llc_std: sample standard deviation (ddof = 1) of λ̂_c across surviving chains (NaN for one chain).
+        llc_per_chain: λ̂_c per chain, NaN for a chain dropped after diverging. [chains]
+        loss_trace: the sampled loss L(w_t) of every chain at every step, burn-in included (the first
+            ``n_burnin`` columns never enter λ̂); NaN after a chain diverged. [chains, steps]
+        eps_hat: ε̂ = λ̂/nβ, the mean sampled loss above L(w*): the loss scale at which λ̂ is measured.
+        n_eff: N_eff(ε̂) = 2λ̂ (paper eq. 9).
+        nbeta: nβ, the inverse temperature times the sample size.
+        loss_at_optimum: L(w*) subtracted in λ̂ (given, or measured on the post-burn-in batches).
+        n_burnin: the number of leading steps of ``loss_trace`` excluded from λ̂.
+        diagnostics: JSON-able dict: ``mala_acceptance`` (per chain), ``plateau`` (per chain),
+            ``r_hat``, ``dropped_chains``, ``divergences``, ``vectorized``, ``wall_time_s``, ...
+        settings: JSON-able dict of the sampler settings (step size, localization, seed, sampler, ...)
+            and, from :func:`tl_degeneracy.estimate_llc`, the loss and parameter selection.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: Float[Tensor, " chains"]
+    loss_trace: Float[Tensor, "chains steps"]
+    eps_hat: float
+    n_eff: float
+    nbeta: float
+    loss_at_optimum: float
+    n_burnin: int
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_chains(self) -> int:
+        """Number of chains run (dropped ones included)."""
+        return int(self.llc_per_chain.shape[0])
+
+    @property
+    def llc_sem(self) -> float:
+        """Standard error of ``llc_mean``: ``llc_std / sqrt(surviving chains)``."""
+        alive = int(torch.isfinite(self.llc_per_chain).sum())
+        return self.llc_std / math.sqrt(alive) if alive > 1 else float("nan")
+
+    def __str__(self) -> str:
+        alive = int(torch.isfinite(self.llc_per_chain).sum())
+        return (
+            f"λ̂ = {self.llc_mean:.4g} ± {self.llc_std:.2g} (std over {alive}/{self.n_chains} chains), "
+            f"ε̂ = {self.eps_hat:.3g}, N_eff = {self.n_eff:.4g}, nβ = {self.nbeta:.4g}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain Python (lists, floats, dicts): JSON-able apart from NaN/inf floats."""
+        return {
+            "llc_mean": self.llc_mean,
+            "llc_std": self.llc_std,
+            "llc_per_chain": self.llc_per_chain.tolist(),
+            "loss_trace": self.loss_trace.tolist(),
+            "eps_hat": self.eps_hat,
+            "n_eff": self.n_eff,
+            "nbeta": self.nbeta,
+            "loss_at_optimum": self.loss_at_optimum,
+            "n_burnin": self.n_burnin,
+            "diagnostics": self.diagnostics,
+            "settings": self.settings,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result to the folder ``path``: ``llc.safetensors`` (per-chain estimates and the
+        loss trace) and ``llc.json`` (scalars, diagnostics, settings). No pickle. Returns the folder."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {
+                "llc_per_chain": self.llc_per_chain.detach().to("cpu", torch.float64).contiguous(),
+                "loss_trace": self.loss_trace.detach().to("cpu", torch.float64).contiguous(),
+            },
+            str(folder / _RESULT_TENSORS),
+        )
+        meta = {k: v for k, v in self.to_dict().items() if k not in ("llc_per_chain", "loss_trace")}
+        meta["format"] = "tl_degeneracy.LLCResult/1"
+        (folder / _RESULT_JSON).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> LLCResult:
+        """Read a result written by :meth:`save`."""
+        folder = Path(path)
+        if not (folder / _RESULT_JSON).is_file() or not (folder / _RESULT_TENSORS).is_file():
+            raise BadInputError(f"{folder} holds no saved LLCResult ({_RESULT_JSON} + {_RESULT_TENSORS})")
+        meta = json.loads((folder / _RESULT_JSON).read_text())
+        tensors = load_file(str(folder / _RESULT_TENSORS))
+        return cls(
+            llc_mean=float(meta["llc_mean"]),
+            llc_std=float(meta["llc_std"]),
+            llc_per_chain=tensors["llc_per_chain"],
+            loss_trace=tensors["loss_trace"],
+            eps_hat=float(meta["eps_hat"]),
+            n_eff=float(meta["n_eff"]),
+            nbeta=float(meta["nbeta"]),
+            loss_at_optimum=float(meta["loss_at_optimum"]),
+            n_burnin=int(meta["n_burnin"]),
+            diagnostics=meta["diagnostics"],
+            settings=meta["settings"],
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagnostics (pure functions of the post-burn-in traces)
+# --------------------------------------------------------------------------------------------------
+
+
+def split_r_hat(traces: Float[Tensor, "chains draws"]) -> float:
+    """Split-R̂ (Gelman–Rubin with every chain cut in two halves) of post-burn-in traces.
+
+    R̂ = sqrt(((n−1)/n·W + B/n) / W), W the mean within-half variance, B/n the variance of the
+    half means. Values near 1 (below ~1.05) say the chains sample the same distribution.
+    """
+    x = traces.double()
+    n = x.shape[1] // 2
+    if x.shape[0] < 1 or n < 2:
+        return float("nan")
+    halves = torch.cat([x[:, :n], x[:, n : 2 * n]], dim=0)
+    within = halves.var(dim=1, unbiased=True).mean()
+    between_over_n = halves.mean(dim=1).var(unbiased=True)
+    if within <= 0:
+        return 1.0 if between_over_n <= 0 else float("inf")
+    var_plus = (n - 1) / n * within + between_over_n
+    return float(torch.sqrt(var_plus / within))
+
+
+def plateau_check(trace: Float[Tensor, " draws"], *, n_blocks: int = 10, rtol: float = 0.1) -> dict[str, float | bool]:
+    """Does a post-burn-in trace sit on a plateau?
+
+    Compares the means of its first and second halves. The standard error of the difference comes
+    from batch means: ``n_blocks`` consecutive blocks (long against the autocorrelation time), their
+    variance pooled within the two halves. The trace counts as flat when
+    ``|drift| <= max(4·se, rtol·|mean|)``: the drift is within noise, or small against the level. A trace
+    still rising out of the burn-in fails it.
+    """
+    x = trace.double()
+    x = x[torch.isfinite(x)]
+    n_blocks = max(4, 2 * (n_blocks // 2))
+    if x.numel() < n_blocks:
+        return {"ok": False, "drift": float("nan"), "se": float("nan"), "mean": float("nan")}
+    blocks = x[: (x.numel() // n_blocks) * n_blocks].reshape(2, n_blocks // 2, -1).mean(dim=2)
+    halves = blocks.mean(dim=1)
+    drift = float(halves[1] - halves[0])
+    pooled = float(((blocks - halves[:, None]) ** 2).sum() / (n_blocks - 2))  # variance of one block mean
+    se = math.sqrt(pooled * 2 / (n_blocks // 2))
+    mean = float(x.mean())
+    return {"ok": bool(abs(drift) <= max(4.0 * se, rtol * abs(mean))), "drift": drift, "se": se, "mean": mean}
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter packing: the sampled entries as one flat vector per chain
+# --------------------------------------------------------------------------------------------------
+
+
+class _Packing:
+    """Maps the active (mask ≠ 0) entries of the sampled tensors to a flat vector and back.
+
+    Tensors whose mask is all zero are constants handed to ``loss_fn`` unchanged. Entries with mask
+    zero inside a sampled tensor are filled from w* exactly by ``index_put``, so they never move.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None):
+        if not params:
+            raise BadInputError("params is empty: pass a dict name -> tensor of the point w*")
+        unknown = sorted(set(masks or {}) - set(params))
+        if unknown:
+            raise BadInputError(f"masks name tensors not in params: {unknown}; params has {sorted(params)}")
+        self.constants: dict[str, Tensor] = {}
+        sampled: list[tuple[str, Tensor, Tensor]] = []
+        for name, p in params.items():
+            if not isinstance(p, Tensor) or not p.is_floating_point():
+                raise BadInputError(f"params[{name!r}] must be a floating-point tensor, got {type(p)}")
+            p = p.detach()
+            m = None if masks is None else masks.get(name)
+            if masks is not None and m is None:
+                self.constants[name] = p  # tensors missing from masks are not sampled
+                continue
+            if m is None:
+                m = torch.ones_like(p)
+            else:
+                m = torch.as_tensor(m, device=p.device)
+                if m.shape != p.shape:
+                    try:
+                        m = m.expand(p.shape)
+                    except RuntimeError as err:
+                        raise BadInputError(
+                            f"masks[{name!r}] has shape {tuple(m.shape)}, params has {tuple(p.shape)}"
+                        ) from err
+                m = m.to(p.dtype)
+                if bool((m < 0).any()) or not bool(torch.isfinite(m).all()):
+                    raise BadInputError(f"masks[{name!r}] must be finite and >= 0 (step-size factors)")
+            if not bool((m != 0).any()):
+                self.constants[name] = p
+                continue
+            sampled.append((name, p, m))
+        if not sampled:
+            raise BadInputError("the masks select no parameter entry: nothing to sample")
+        self.names = [n for n, _, _ in sampled]
+        self.shapes = [p.shape for _, p, _ in sampled]
+        self.dtypes = [p.dtype for _, p, _ in sampled]
+        self.sizes = [p.numel() for _, p, _ in sampled]
+        self.dtype = self.dtypes[0]
+        for d in self.dtypes[1:]:
+            self.dtype = torch.promote_types(self.dtype, d)
+        self.device = sampled[0][1].device
+        self.w_star_full = torch.cat([p.reshape(-1).to(self.dtype) for _, p, _ in sampled])
+        mask_full = torch.cat([m.reshape(-1).to(self.dtype) for _, _, m in sampled])
+        active = mask_full != 0
+        self.index: Tensor | None = None if bool(active.all()) else torch.nonzero(active).squeeze(1)
+        self.w_star = self.w_star_full if self.index is None else self.w_star_full[self.index]
+        self.mask = mask_full if self.index is None else mask_full[self.index]
+        self.n_active = int(self.w_star.numel())
+        self.n_total = int(sum(p.numel() for p in params.values()))
+
+    def unpack(self, vals: Tensor) -> dict[str, Tensor]:
+        """The full parameter dict (constants and sampled tensors) for one chain's active entries."""
+        full = vals if self.index is None else self.w_star_full.index_put((self.index,), vals)
+        out = dict(self.constants)
+        for name, shape, dtype, piece in zip(
+            self.names, self.shapes, self.dtypes, torch.split(full, self.sizes), strict=True
+        ):
+            out[name] = piece.view(shape).to(dtype)
+        return out
+
+
+def _cycle(batches: Iterable[Any] | None) -> Iterator[Any]:
+    """Yield the batches again and again (re-iterating, never caching); None forever for no data."""
+    if batches is None:
+        while True:
+            yield None
+    while True:
+        n = 0
+        for b in batches:
+            n += 1
+            yield b
+        if n == 0:
+            raise BadInputError(
+                "batches ran out: pass a re-iterable (a list, a DataLoader, token_batches(...)), "
+                "not a one-shot iterator, or None for a loss without data"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def sgld_llc(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    batches: Iterable[Any] | None,
+    *,
+    nbeta: float,
+    step_size: float,
+    localization: float,
+    n_steps: int,
+    n_burnin: int,
+    n_chains: int = 4,
+    seed: int = 0,
+    loss_at_optimum: float | None = None,
+    sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
+    masks: Mapping[str, Tensor] | None = None,
+    rmsprop_alpha: float = 0.999,
+    rmsprop_eps: float = 0.1,
+    on_divergence: Literal["raise", "drop"] = "raise",
+    divergence_threshold: float | None = None,
+    vectorize: Literal["auto"] | bool = "auto",
+    progress: bool = True,
+) -> LLCResult:
+    """Estimate the local learning coefficient λ̂(w*) of ``loss_fn`` at ``params`` by SGLD (paper eq. 3–4, 8).
+
+    Posterior (SPEC §5): p(w) ∝ exp(−nβ·L(w) − (γ/2)‖w − w*‖²), sampled by ``n_chains`` chains that
+    start at w*. Plain SGLD (``sampler="sgld"``), per active entry:
+
+        w ← w − (ε/2)·m·(nβ ∇L̂(w) + γ (w − w*)) + sqrt(ε·m)·ξ,   ξ ~ N(0, 1),
+
+    with ε = ``step_size``, γ = ``localization``, L̂ the loss on the step's batch and m the entry's mask
+    (1 when ``masks`` is None). ``sampler="rmsprop_sgld"`` preconditions every entry by its own step
+    factor P (Li et al. 2016, without the Γ correction term):
+
+        V_t = α V_{t−1} + (1 − α)(∇L̂(w_t))²,  V_0 = 0;   P_t = 1/(δ + sqrt(V_t/(1 − α^t))),
+        w ← w − (ε/2)·m·P_t·(nβ ∇L̂(w) + γ (w − w*)) + sqrt(ε·m·P_t)·ξ,
+
+    α = ``rmsprop_alpha``, δ = ``rmsprop_eps``; V is per chain and entry, bias-corrected as in Adam. A
+    preconditioner that adapts quickly follows the chain's position and biases the stationary law (there
+    is no Γ correction term); the default α = 0.999 averages over ~1000 steps, which removed that bias on
+    the quadratic test (α = 0.99 overestimated λ by 3–8%). A mask m acts as a per-entry
+    step-size factor on drift and noise alike (bool masks: 0 or 1); entries with m = 0 and tensors
+    absent from ``masks`` stay exactly at w*.
+
+    Estimate: with draws w_t at steps t = n_burnin, …, n_steps − 1 (burn-in never counts),
+    λ̂_c = nβ·(mean_t L̂(w_t) − L(w*)) per chain; ``llc_mean``/``llc_std`` are the mean and standard
+    deviation over chains; ε̂ = λ̂/nβ and N_eff = 2λ̂ (paper eq. 9). L(w*) is ``loss_at_optimum`` when
+    given (0 for the behavioral loss, paper eq. 6), else measured: at every step on that step's batch
+    (one forward without gradient) and averaged over the post-burn-in steps, so λ̂ is a paired difference.
+
+    Args:
+        loss_fn: ``loss_fn(params: dict[str, Tensor], batch) -> scalar tensor``; it receives every
+            tensor of ``params`` (sampled ones replaced). Must be differentiable by autograd; for
+            batched chains also by ``torch.func`` (``grad`` under ``vmap``).
+        params: the point w* (name -> tensor); not modified.
+        batches: a re-iterable of batches, cycled for as long as needed (all chains see the same batch
+            at the same step), or None for a loss without data (``batch=None``).
+        nbeta: nβ > 0.
+        step_size: ε > 0.
+        localization: γ >= 0.
+        n_steps: total SGLD steps per chain, burn-in included.
+        n_burnin: leading steps discarded (0 <= n_burnin < n_steps).
+        n_chains: independent chains.
+        seed: seeds the noise (a generator seeded from ``numpy.random.SeedSequence(seed)``, one
+            [chains, d] block per step): the same seed and ``n_chains`` give the same draws, batched or not.
+        loss_at_optimum: L(w*), if known exactly.
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"``.
+        masks: name -> bool or non-negative float tensor (broadcastable to the parameter). When given,
+            only named tensors are sampled.
+        rmsprop_alpha, rmsprop_eps: α and δ of the RMSProp preconditioner.
+        on_divergence: a chain whose loss turns NaN/inf or whose nβ·(L − L(w*)) exceeds
+            ``divergence_threshold`` is stopped at that step (the other chains go on). ``"raise"``
+            (default) then raises :class:`~tl_degeneracy.errors.SamplerDivergedError`, whose ``result``
+            attribute holds the estimate from the surviving chains (None if none survived); ``"drop"``
+            warns, records the dropped chains in ``diagnostics`` and returns the survivors' estimate
+            (raising only when every chain diverged).
+        divergence_threshold: bound on nβ·(L − L(w*)). Default 100·(d + 10), d the number of sampled
+            entries: at stationarity nβ·(E L − L(w*)) = λ ≤ d/2 up to the O(ε) step bias, with
+            fluctuations O(sqrt(d)), so crossing the bound means the chain left the posterior.
+        vectorize: ``True`` runs all chains at once with ``torch.func.vmap``; ``False`` runs them one
+            after another each step (memory of one chain); ``"auto"`` tries vmap when n_chains > 1 and
+            falls back to one-by-one if ``loss_fn`` cannot be vmapped (reason in ``diagnostics``).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`LLCResult`. ``diagnostics["mala_acceptance"]`` is, per chain, the mean over post-burn-in
+        transitions of the Metropolis-adjusted-Langevin acceptance probability min(1, e^{log α}) that the
+        SGLD proposal would have (≈0.9 or above is healthy; with minibatches it mixes two batches' losses
+        and is a rough guide); ``"plateau"`` applies :func:`plateau_check` to each chain's trace;
+        ``"r_hat"`` is :func:`split_r_hat` of the post-burn-in traces.
+
+    Example:
+        >>> import torch, tl_degeneracy as tld
+        >>> h = torch.tensor([1.0, 2.0, 4.0])
+        >>> res = tld.sgld_llc(lambda p, _: 0.5 * (h * p["w"] ** 2).sum(), {"w": torch.zeros(3)}, None,
+        ...                    nbeta=100.0, step_size=1e-3, localization=1.0, n_steps=3000, n_burnin=500,
+        ...                    progress=False)
+        >>> round(res.llc_mean, 1)  # d/2 = 1.5, less the localization and step-size corrections
+        1.5
+    """
+    if not (nbeta > 0 and math.isfinite(nbeta)):
+        raise BadInputError(f"nbeta must be a positive number, got {nbeta}")
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise BadInputError(f"step_size must be a positive number, got {step_size}")
+    if not (localization >= 0 and math.isfinite(localization)):
+        raise BadInputError(f"localization must be >= 0, got {localization}")
+    if n_chains < 1:
+        raise BadInputError(f"n_chains must be >= 1, got {n_chains}")
+    if not 0 <= n_burnin < n_steps:
+        raise BadInputError(f"need 0 <= n_burnin < n_steps, got n_burnin={n_burnin}, n_steps={n_steps}")
+    if sampler not in ("sgld", "rmsprop_sgld"):
+        raise BadInputError(f"sampler must be 'sgld' or 'rmsprop_sgld', got {sampler!r}")
+    if on_divergence not in ("raise", "drop"):
+        raise BadInputError(f"on_divergence must be 'raise' or 'drop', got {on_divergence!r}")
+    if vectorize not in ("auto", True, False):
+        raise BadInputError(f"vectorize must be 'auto', True or False, got {vectorize!r}")
+    if sampler == "rmsprop_sgld" and not (0 <= rmsprop_alpha < 1 and rmsprop_eps > 0):
+        raise BadInputError("rmsprop_alpha must be in [0, 1) and rmsprop_eps > 0")
+
+    pack = _Packing(params, masks)
+    C, D = n_chains, pack.n_active
+    dev, dt = pack.device, pack.dtype
+    threshold = float(divergence_threshold) if divergence_threshold is not None else 100.0 * (D + 10)
+    eps, gamma, nb = float(step_size), float(localization), float(nbeta)
+
+    def value(vals: Tensor, batch: Any) -> Tensor:
+        return loss_fn(pack.unpack(vals), batch)
+
+    # One generator for all chains; the noise of a step is drawn as one [chains, d] block, in batched
+    # and one-by-one mode alike, so the same seed and n_chains give the same draws either way.
+    gen = torch.Generator(device=dev).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+    w = pack.w_star.unsqueeze(0).repeat(C, 1)  # [C, D] state of every chain
+    sq_avg = torch.zeros_like(w) if sampler == "rmsprop_sgld" else None
+    alive = torch.ones(C, dtype=torch.bool)  # chains not stopped by a divergence (CPU copy)
+    alive_dev = alive.to(dev)
+    all_alive = True
+    const_factor = (eps * pack.mask).expand(C, D)
+    const_sqrt_factor = const_factor.sqrt()
+    trace = torch.full((C, n_steps), float("nan"), dtype=torch.float64)
+    opt_trace = torch.full((n_steps,), float("nan"), dtype=torch.float64)
+    accept_sum = torch.zeros(C, dtype=torch.float64, device=dev)
+    accept_n = 0
+    divergences: list[dict[str, Any]] = []
+    diag: dict[str, Any] = {}
+
+    # ---- gradient of the loss for every chain ------------------------------------------------
+    use_vmap = vectorize is True or (vectorize == "auto" and C > 1)
+    vmapped = torch.func.vmap(torch.func.grad_and_value(value), in_dims=(0, None), randomness="error")
+
+    def grads_sequential(vals: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        g = torch.zeros_like(vals)
+        loss = torch.full((C,), float("nan"), dtype=torch.float64, device=vals.device)
+        for c in range(C):
+            if not alive[c]:
+                continue
+            x = vals[c].detach().requires_grad_(True)
+            with torch.enable_grad():
+                lc = value(x, batch)
+                (gc,) = torch.autograd.grad(lc, x, allow_unused=True)
+            if gc is not None:
+                g[c] = gc
+            loss[c] = lc.detach().double()
+        return g, loss
+
+    def grads(vals: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        nonlocal use_vmap
+        if use_vmap:
+            try:
+                with torch.enable_grad():
+                    g, loss = vmapped(vals, batch)
+                return g.detach(), loss.detach().double()
+            except Exception as err:  # noqa: BLE001 - any failure of vmap: run chains one by one
+                if vectorize is True:
+                    raise
+                use_vmap = False
+                diag["vectorize_fallback"] = f"{type(err).__name__}: {err}"[:500]
+        return grads_sequential(vals, batch)
+
+    measure_opt = loss_at_optimum is None
+    fixed_opt = None if measure_opt else float(loss_at_optimum)
+    batch_iter = _cycle(batches)
+    prev: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # w, U(w), step factor, noise of last step
+    t0 = time.perf_counter()
+    bar = tqdm(range(n_steps), desc="SGLD", disable=not progress, leave=False)
+    for t in bar:
+        batch = next(batch_iter)
+        if measure_opt:
+            if batches is not None or t == 0:  # without data L(w*) is one number: measure it once
+                with torch.no_grad():
+                    l_opt = float(value(pack.w_star, batch))
+            opt_trace[t] = l_opt
+            if not math.isfinite(l_opt):
+                raise BadInputError(f"loss at w* is not finite ({l_opt}) on batch {t}: check loss_fn and data")
+        else:
+            l_opt = fixed_opt
+        g_loss, loss = grads(w, batch)
+        loss_cpu = loss.cpu()
+
+        # ---- divergence: stop a chain whose loss is NaN/inf or far above the posterior's scale ----
+        excess = nb * (loss_cpu - l_opt)
+        bad = alive & ~(torch.isfinite(loss_cpu) & torch.isfinite(g_loss).all(dim=1).cpu() & (excess <= threshold))
+        trace[alive, t] = loss_cpu[alive]
+        for c in torch.nonzero(bad).flatten().tolist():
+            lc, ex = float(loss_cpu[c]), float(excess[c])
+            why = "non-finite gradient" if math.isfinite(lc) and ex <= threshold else f"loss {lc:.3g}"
+            msg = (
+                f"chain {c} diverged at step {t} ({why}; nβ·(L − L(w*)) = {ex:.3g}, bound {threshold:.3g}): "
+                f"lower step_size below {eps:.3g} (try {eps / 10:.3g})"
+            )
+            divergences.append({"chain": c, "step": t, "loss": lc, "message": msg})
+        if bool(bad.any()):
+            alive = alive & ~bad
+            alive_dev = alive.to(dev)
+            all_alive = False
+            if not bool(alive.any()):
+                break
+
+        # ---- one SGLD step for every live chain ----------------------------------------------
+        if not all_alive:
+            g_loss = torch.where(alive_dev[:, None], g_loss, torch.zeros((), dtype=dt, device=dev))
+        g_u = nb * g_loss + gamma * (w - pack.w_star)
+        if sq_avg is not None:
+            sq_avg.mul_(rmsprop_alpha).addcmul_(g_loss, g_loss, value=1.0 - rmsprop_alpha)
+            v_hat = sq_avg / (1.0 - rmsprop_alpha ** (t + 1))  # bias-corrected as in Adam
+            factor = eps * pack.mask / (rmsprop_eps + v_hat.sqrt())
+            sqrt_factor = factor.sqrt()
+        else:
+            factor, sqrt_factor = const_factor, const_sqrt_factor
+        noise = torch.randn(C, D, generator=gen, device=dev, dtype=dt)
+
+        # MALA acceptance of the transition prev.w -> w, from burn-in's end on (a health check).
+        if t >= n_burnin:
+            u_now = nb * loss.to(dev) + 0.5 * gamma * ((w - pack.w_star) ** 2).sum(dim=1, dtype=torch.float64)
+            if prev is not None:
+                w0, u0, f0, xi0 = prev
+                back = w0 - w + 0.5 * f0 * g_u
+                log_q_back = -(back**2 / (2 * f0)).sum(dim=1, dtype=torch.float64)
+                log_q_fwd = -0.5 * (xi0**2).sum(dim=1, dtype=torch.float64)
+                a = torch.exp(torch.clamp((u0 - u_now) + log_q_back - log_q_fwd, max=0.0))
+                accept_sum += torch.where(alive_dev & torch.isfinite(a), a, 0.0)
+                accept_n += 1
+            prev = (w, u_now, factor, noise)
+
+        w_next = w - 0.5 * factor * g_u + sqrt_factor * noise
+        w = w_next if all_alive else torch.where(alive_dev[:, None], w_next, pack.w_star)  # stopped: at w*
+        if progress and t % 50 == 0:
+            bar.set_postfix(llc=f"{nb * (float(loss_cpu[alive].mean()) - l_opt):.4g}")
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    # ---- the estimate ------------------------------------------------------------------------
+    post = trace[:, n_burnin:]
+    l_star = float(opt_trace[n_burnin:].mean()) if measure_opt else fixed_opt
+    if measure_opt and not math.isfinite(l_star):  # every chain died during burn-in
+        l_star = float(opt_trace[torch.isfinite(opt_trace)].mean())
+    per_chain = torch.full((C,), float("nan"), dtype=torch.float64)
+    per_chain[alive] = nb * (post[alive].mean(dim=1) - l_star)
+    survivors = per_chain[torch.isfinite(per_chain)]
+    llc_mean = float(survivors.mean()) if survivors.numel() else float("nan")
+    llc_std = float(survivors.std(unbiased=True)) if survivors.numel() > 1 else float("nan")
+
+    live_idx = torch.nonzero(alive).flatten().tolist()
+    excess_post = nb * (post[live_idx] - l_star) if live_idx else post[:0]
+    diag.update(
+        {
+            "mala_acceptance": [
+                float(accept_sum[c] / accept_n) if bool(alive[c]) and accept_n else float("nan") for c in range(C)
+            ],
+            "plateau": [plateau_check(nb * (post[c] - l_star)) if alive[c] else None for c in range(C)],
+            "r_hat": split_r_hat(excess_post) if live_idx else float("nan"),
+            "dropped_chains": [d["chain"] for d in divergences],
+            "divergences": divergences,
+            "divergence_threshold": threshold,
+            "vectorized": bool(use_vmap),
+            "n_sampled_entries": D,
+            "n_parameters": pack.n_total,
+            "wall_time_s": wall,
+            "steps_per_s": n_steps / wall if wall > 0 else float("nan"),
+        }
+    )
+    settings = {
+        "step_size": eps,
+        "localization": gamma,
+        "n_chains": C,
+        "n_steps": n_steps,
+        "n_burnin": n_burnin,
+        "seed": seed,
+        "sampler": sampler,
+        "loss_at_optimum_given": not measure_opt,
+        "sampled_tensors": pack.names,
+    }
+    if sampler == "rmsprop_sgld":
+        settings.update(rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps)
+    result = LLCResult(
+        llc_mean=llc_mean,
+        llc_std=llc_std,
+        llc_per_chain=per_chain,
+        loss_trace=trace,
+        eps_hat=llc_mean / nb,
+        n_eff=2.0 * llc_mean,
+        nbeta=nb,
+        loss_at_optimum=l_star,
+        n_burnin=n_burnin,
+        diagnostics=diag,
+        settings=settings,
+    )
+    if divergences:
+        summary = "; ".join(d["message"] for d in divergences)
+        if not live_idx:
+            err = SamplerDivergedError(f"every chain diverged: {summary}")
+            err.result = None
+            raise err
+        if on_divergence == "raise":
+            err = SamplerDivergedError(f"{summary} ({len(live_idx)}/{C} chains survived: see err.result)")
+            err.result = result
+            raise err
+        warnings.warn(f"dropped {len(divergences)}/{C} chains: {summary}", RuntimeWarning, stacklevel=2)
+    return result
