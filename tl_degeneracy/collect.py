@@ -104,21 +104,28 @@ def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
         )
 
 
-def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
-    """xᵀx of one batch's rows with float32 output; callers add it to float64 totals.
+def product_increment(
+    a: Float[torch.Tensor, "n d"], b: Float[torch.Tensor, "n e"], *, fast: bool = False
+) -> Float[torch.Tensor, "d e"]:
+    """aᵀb of one batch's rows with float32 output; callers add it to float64 totals.
 
     Accurate: float32 inputs and products (TF32 is off during :func:`collect`). Fast: bfloat16 inputs with
-    float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; on other devices the same
-    numbers by rounding the inputs to bfloat16 and multiplying in float32).
+    float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere the same
+    numbers by rounding the inputs to bfloat16 and multiplying in float32). Autocast is off inside, so the
+    output is never rounded to bfloat16.
     """
-    if not fast:
-        x = x.float()
-        return x.T @ x
-    xb = x.to(torch.bfloat16)
-    if xb.is_cuda:
-        return torch.mm(xb.T, xb, out_dtype=torch.float32)
-    xf = xb.float()
-    return xf.T @ xf
+    with torch.autocast(a.device.type, enabled=False):
+        if not fast:
+            return a.float().T @ b.float()
+        ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        if ab.is_cuda:
+            return torch.mm(ab.T, bb, out_dtype=torch.float32)
+        return ab.float().T @ bb.float()
+
+
+def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
+    """xᵀx of one batch's rows (see :func:`product_increment`)."""
+    return product_increment(x, x, fast=fast)
 
 
 class ActivationMoments(Component):

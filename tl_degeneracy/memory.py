@@ -108,14 +108,17 @@ def site_unit_bytes(d: int, *, jacobian: bool) -> int:
 
 
 def head_sync_bytes(n_heads: int, d_head: int) -> int:
-    """Per layer: pattern inner products [H, H] (+ value-weighted [H, H] terms) and the value Gram [H·d_head]²."""
+    """Per layer (tl_degeneracy.sync): float64 totals of the pattern Gram and value errors [H, H], the value
+    norms [H], the value Gram [(H·d_head)²] and two counts, plus the per-batch increments."""
     hd = n_heads * d_head
-    return (F64 + F32) * (4 * n_heads * n_heads + hd * hd + hd + 2 * n_heads)
+    totals = F64 * (2 * n_heads * n_heads + n_heads + hd * hd + 2)
+    return totals + F64 * (2 * n_heads * n_heads + n_heads) + F32 * hd * hd
 
 
 def neuron_sync_bytes(d_mlp: int) -> int:
-    """Per layer: the d_mlp × d_mlp product sums for the mixing errors E[i→j] and the pre-activation Gram."""
-    return (F64 + F32) * (4 * d_mlp * d_mlp + 4 * d_mlp)
+    """Per layer (tl_degeneracy.sync): float64 totals of the mixing-error cross products and the
+    pre-activation Gram (d_mlp² each), Σf² and a count, plus the float32 per-batch increments."""
+    return F64 * (2 * d_mlp * d_mlp + d_mlp + 1) + F32 * 2 * d_mlp * d_mlp + F64 * d_mlp
 
 
 def working_set_bytes(model: Any, *, batch_size: int, seq_len: int, first_layer: int, last_layer: int,
