@@ -344,9 +344,11 @@ def _load_tl3(name: str, *, is_local: bool, device: Any, dtype: torch.dtype) -> 
         )
     cfg = HookedTransformerConfig(
         n_layers=hc.n_layer, d_model=hc.n_embd, n_ctx=hc.n_positions, d_head=hc.n_embd // hc.n_head,
-        n_heads=hc.n_head, d_mlp=hc.n_inner or 4 * hc.n_embd, d_vocab=hc.vocab_size, act_fn="gelu_new",
-        normalization_type="LN", eps=hc.layer_norm_epsilon, model_name=Path(name).name,
-        default_prepend_bos=True, device=str(device), dtype=dtype, original_architecture="GPT2LMHeadModel",
+        n_heads=hc.n_head, d_mlp=hc.n_inner or 4 * hc.n_embd, d_vocab=hc.vocab_size,
+        act_fn=hc.activation_function, normalization_type="LN", eps=hc.layer_norm_epsilon,
+        use_attn_scale=hc.scale_attn_weights, scale_attn_by_inverse_layer_idx=hc.scale_attn_by_inverse_layer_idx,
+        model_name=Path(name).name, default_prepend_bos=True, device=str(device), dtype=dtype,
+        original_architecture="GPT2LMHeadModel", init_weights=False,
     )
     model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(name), move_to_device=True)
     model.load_and_process_state_dict(
