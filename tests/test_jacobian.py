@@ -312,6 +312,48 @@ def test_same_seed_same_statistics_other_seed_other_probes():
 
 
 @pytest.mark.tl3
+def test_a_resumed_run_draws_the_same_probes_as_an_uninterrupted_one(tmp_path):
+    model = make_tiny_model()
+    data = padded_data(model, rows=6, batch_size=2)  # 3 batches
+    kw = dict(sites=["blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post"], jacobian="kl", n_probes=2, seed=9,
+              progress=False)
+    whole = tld.collect(model, data, **kw)
+    ckpt = tmp_path / "ckpt.safetensors"
+    calls = {"n": 0}
+
+    def crash_in_batch_2(act, hook):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    model.add_hook("blocks.0.hook_resid_pre", crash_in_batch_2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tld.collect(model, data, checkpoint=ckpt, checkpoint_every=1, **kw)
+    finally:
+        model.reset_hooks()
+    assert tld.Stats.load(ckpt).meta["batches_done"] == 2
+    resumed = tld.collect(model, data, checkpoint=ckpt, resume=True, **kw)
+    for key, value in whole.tensors.items():
+        # the totals of batches 0-1 were saved and reloaded, batch 2 drew from its own seeded generator
+        torch.testing.assert_close(resumed.tensors[key], value, rtol=1e-12, atol=0)
+
+
+@pytest.mark.tl3
+def test_a_batch_of_padding_only_adds_nothing():
+    model = make_tiny_model()
+    tokens = random_tokens(3, 7)
+    attn = torch.ones(3, 7, dtype=torch.long)
+    attn[2] = 0  # the last batch (batch_size 1) holds no counted token
+    kw = dict(sites=["blocks.0.hook_resid_pre"], jacobian="kl", estimator="exact", progress=False)
+    with_pad = tld.collect(model, tld.token_batches(model, tokens, batch_size=1, attention_mask=attn), **kw)
+    without = tld.collect(model, tld.token_batches(model, tokens[:2], batch_size=1), **kw)
+    site = "blocks.0.hook_resid_pre"
+    assert int(with_pad.tensors[f"jac/{site}/n"]) == int(without.tensors[f"jac/{site}/n"]) == 12
+    torch.testing.assert_close(with_pad.jacobian_gram(site), without.jacobian_gram(site), rtol=1e-12, atol=0)
+
+
+@pytest.mark.tl3
 @pytest.mark.parametrize("metric", ["kl", "mse"])
 @pytest.mark.parametrize("estimator", ["probe", "exact"])
 def test_probes_started_at_the_unembedding_input_equal_probes_started_at_the_logits(monkeypatch, metric, estimator):
