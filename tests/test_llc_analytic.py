@@ -287,27 +287,32 @@ def _fit_rrr_to_noise(M, H, N, n, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(5, 3, 5), (5, 4, 5)])
 def test_reduced_rank_regression_fit_to_noise(shape):
-    # As devinterp's test: a model fit to noise targets, minibatch SGLD on the empirical loss, L(w*)
-    # measured on the same batches ("ce"-style), nβ = n/log n (the WBIC temperature). The trained w* is
-    # not exactly singular (B A ≈ the best rank-H fit of the noise, ‖·‖² ≈ MN/n) and the minibatch
-    # gradient adds noise, so the accepted error is wider: 25% (devinterp accepts 40%).
+    # As devinterp's test: a model fit to pure-noise targets (true rank 0), SGLD on the empirical loss with
+    # L(w*) measured ("ce"-style), nβ = n/log n (the WBIC temperature). Here full-batch: with minibatches of
+    # 500 the gradient noise adds to the injected noise and inflates λ̂ (+34% and +26% at ε = 1e-4, n = 2·10⁴;
+    # +7% at ε = 2e-5), which is one reason devinterp accepts 40%.
+    # The other is w* itself: trained on noise, B A is the best rank-H fit of the noise (‖B A‖² ≈ 1e-3), a
+    # smooth point of the rank-H matrices. At loss scales far below ‖B A‖² the LLC there is H(M + N − H)/2
+    # (10.5 and 12), far above it Aoyagi's value at the origin (6.5 and 8); nβ ‖B A‖²/2 ≈ 1 sits between,
+    # and long runs gave 7.09 ± 0.13 for (5,3,5) (+9%). So: between the two values, and within 25%.
     M, H, N = shape
     n = 20000
     x, y, A, B = _fit_rrr_to_noise(M, H, N, n, seed=0)
-    batches = [(x[i : i + 500], y[i : i + 500]) for i in range(0, n, 500)]
     res = sgld_llc(
         lambda p, b: 0.5 * ((b[0] @ p["A"].T @ p["B"].T - b[1]) ** 2).sum(dim=1).mean(),
         {"A": A, "B": B},
-        batches,
+        [(x, y)],
         nbeta=n / math.log(n),
         step_size=1e-4,
         localization=1.0,
-        n_steps=4000,
+        n_steps=3000,
         n_burnin=1000,
         n_chains=8,
         progress=False,
     )
-    assert abs(res.llc_mean / aoyagi_rrr(M, H, N, 0) - 1) < 0.25, res.llc_mean
+    truth, smooth_point = aoyagi_rrr(M, H, N, 0), H * (M + N - H) / 2
+    assert 0.9 * truth < res.llc_mean < smooth_point, res.llc_mean
+    assert abs(res.llc_mean / truth - 1) < 0.25, res.llc_mean
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,6 +489,9 @@ def test_too_large_step_size_raises_naming_it():
             progress=False,
         )
     assert "diverged at step" in str(info.value) and info.value.result is None  # every chain died
+    # Caught by the bound on nβ·(L − L(w*)) (default 10·(d + 10) = 120) while the loss is still finite,
+    # long before it overflows to inf/NaN.
+    assert "loss nan" not in str(info.value) and "loss inf" not in str(info.value) and "bound 120" in str(info.value)
 
 
 def _cliff_loss(p, _):

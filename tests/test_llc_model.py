@@ -81,10 +81,11 @@ def _teacher(model, data, loss):
 
 def test_one_layer_has_a_smaller_llc_than_all_parameters(model, data):
     # Sampling a subset of the parameters can only shrink λ̂: for a quadratic loss the restricted
-    # Hessian's eigenvalues interlace the full one's and Σ nβh/(nβh + γ) is monotone; in these runs the
-    # gap is a factor ≈ 2 against a chain spread of a few percent.
-    layer = estimate_llc(model, data, params="blocks.1", n_steps=150, n_burnin=75, **SGLD)
-    everything = estimate_llc(model, data, params="all", n_steps=150, n_burnin=75, **SGLD)
+    # Hessian's eigenvalues interlace the full one's and Σ nβh/(nβh + γ) is monotone. The chains are not
+    # at equilibrium after 80 steps (both estimates still rise), but at every step the gap is a factor ≈ 2:
+    # 89 ± 2 against 202 ± 8 here, 107 ± 4 against 212 ± 3 after 150 steps.
+    layer = estimate_llc(model, data, params="blocks.1", n_steps=80, n_burnin=40, **SGLD)
+    everything = estimate_llc(model, data, params="all", n_steps=80, n_burnin=40, **SGLD)
     spread = math.hypot(layer.llc_std, everything.llc_std)
     assert layer.llc_mean + 3 * spread < everything.llc_mean, (layer.llc_mean, everything.llc_mean, spread)
     assert layer.diagnostics["n_sampled_entries"] < everything.diagnostics["n_sampled_entries"]
@@ -100,8 +101,8 @@ def test_larger_nbeta_gives_a_smaller_loss_scale(model, data):
         step_size=5e-4,
         params="blocks.0.mlp",
         localization=100.0,
-        n_steps=120,
-        n_burnin=60,
+        n_steps=60,
+        n_burnin=30,
         n_chains=3,
         progress=False,
     )
