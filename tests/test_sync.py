@@ -15,7 +15,7 @@ from conftest import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.sync import NeuronSync, head_sync, load_sync, neuron_sync, neuron_sync_increments
+from tl_degeneracy.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync, neuron_sync_increments
 
 SITE = "blocks.0.hook_resid_pre"  # collect needs a site; the sync sums are what these tests read
 
@@ -255,8 +255,9 @@ def test_gelu_exact_zero_preactivation_uses_half_gate_and_never_nan():
 def test_gate_at_exact_zero_follows_each_activation_convention():
     p = torch.tensor([[[0.0, 2.0, -1.0]]])
     mask = torch.ones(1, 1, dtype=torch.bool)
-    for f, at_zero in ((torch.relu(p), 1.0), (torch.nn.functional.gelu(p), 0.5)):
-        inc = neuron_sync_increments(p, f, mask, at_zero)
+    cases = ((torch.relu(p), 1.0, False), (torch.relu(p), 1.0, True), (torch.nn.functional.gelu(p), 0.5, False))
+    for f, at_zero, binary in cases:  # ReLU also through the one-product path for gates in {0, 1}
+        inc = neuron_sync_increments(p, f, mask, at_zero, binary_gates=binary)
         r = torch.tensor([at_zero, float(f[0, 0, 1] / 2.0), float(f[0, 0, 2] / -1.0)], dtype=torch.float64)
         pp = p[0, 0].double()
         # n·E[i→j] = (cross + f_sq)[i, j] against ((r_j − r_i) p_i)² written out, float32 products
@@ -323,7 +324,13 @@ def test_missing_sums_name_the_collect_flag(tmp_path):
     hs = head_sync(tld.Stats.load(path), 1)
     assert torch.equal(hs.distance, head_sync(some, 1).distance)
     back = load_sync(hs.save(tmp_path / "hs"))
-    assert back["layer"] == 1 and torch.equal(back["value_gram"], hs.value_gram)
+    assert back["layer"] == 1 and torch.equal(back["normalized_value_distance"], hs.normalized_value_distance)
+    ns = neuron_sync(some, 1)
+    again = NeuronSync.load(ns.save(tmp_path / "ns"))
+    assert torch.equal(again.normalized_distance, ns.normalized_distance)
+    assert again.dof(1e-3).to_dict() == ns.dof(1e-3).to_dict()
+    with pytest.raises(BadInputError, match="not a HeadSync"):
+        HeadSync.load(tmp_path / "ns.safetensors")
 
 
 @pytest.mark.tl3

@@ -36,13 +36,14 @@ under ``collect(precision="fast")``: the distances come from differences of near
 inputs would leave a noise floor of ~1e-2 of E[f²] on them (and hide rank drops below 1e-2).
 
 Memory: per layer the neuron sums are two d_mlp² matrices; for GPT-2 small (d_mlp = 3072, 12 layers) the
-float64 totals take 2 · 3072² · 8 B · 12 = 1.81 GB, and one batch's float32 increments another 0.91 GB while
+float64 totals take 2 · 3072² · 8 B · 12 = 1.81 GB (1.69 GiB), and one batch's float32 increments another 0.91 GB while
 the batch runs (``sync_layers=`` collects fewer layers at a time). The head sums are small (the value Gram
 is (H·d_head)² = 768² per layer: 57 MB for all 12 layers).
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -130,35 +131,35 @@ def head_sync_increments(
 
     - ``pattern_gram`` [h, h'] = Σ_q ⟨A_h[q], A_h'[q]⟩ (float64), so Σ‖A_h − A_h'‖² = G_hh + G_h'h' − 2 G_hh';
     - ``value_err`` [h, h'] = Σ_q ‖(A_h[q] − A_h'[q]) V_h‖², the output error of moving head h's values into
-      head h' (directed; computed from the differences, so synchronised heads give exact zeros rather than
-      a cancellation of large terms);
+      head h' (directed; squares of the differences summed in float32, so synchronised heads give zeros
+      rather than a cancellation of large terms);
     - ``value_sq`` [h] = Σ_q ‖A_h[q] V_h‖²;
     - ``value_outer`` = Σ_k v_k v_kᵀ over attended keys, v_k = concat_h V_h[k] (H·d_head), and ``n_keys``.
 
     Grouped-query models (fewer value heads than heads) have their value heads repeated to one per head.
     """
     b, n_heads, t_q, t_k = pattern.shape
-    a = pattern.float()
     vals = v.float()
     if vals.shape[2] != n_heads:
         vals = vals.repeat_interleave(n_heads // vals.shape[2], dim=2)
     d_head = vals.shape[-1]
-    mask = mask.to(a.device)
-    aq = a.permute(0, 2, 1, 3)[mask]  # [n, H, Tk] counted queries
-    flat = aq.double().transpose(0, 1).reshape(n_heads, -1)
+    mask = mask.to(pattern.device)
+    # zero the rows of uncounted queries: they then add nothing to any sum below (no gathers needed)
+    a = pattern.float() * mask[:, None, :, None]
+    flat = a.double().transpose(0, 1).reshape(n_heads, -1)
     pattern_gram = flat @ flat.T
-    # Z[b, g, q, h] = A_g[q] V_h: head g's pattern applied to head h's values, one batched product.
+    # Z[b, g, q, h] = A_g[q] V_h: head g's pattern applied to head h's values, one batched product
     z = torch.matmul(a.reshape(b, n_heads * t_q, t_k), vals.reshape(b, t_k, n_heads * d_head))
-    zq = z.view(b, n_heads, t_q, n_heads, d_head).permute(0, 2, 1, 3, 4)[mask]  # [n, g, h, d]
-    own = zq.diagonal(dim1=1, dim2=2).transpose(1, 2)  # [n, h, d] = A_h V_h (the head's own output)
-    err = (zq - own.unsqueeze(1)).double().square().sum(dim=(0, 3))  # [g, h]
-    attended = (a * mask[:, None, :, None]).amax(dim=(1, 2)) > 0  # [B, Tk]
+    z = z.view(b, n_heads, t_q, n_heads, d_head)
+    own = z.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # [B, q, h, d] = A_h V_h, the head's own output
+    err = (z - own.unsqueeze(1)).square_().sum(dim=(0, 2, 4))  # [g, h]
+    attended = a.amax(dim=(1, 2)) > 0  # [B, Tk]: keys some counted query attends to
     keys = vals[attended].reshape(-1, n_heads * d_head)
     return {
-        "n": torch.tensor(aq.shape[0], dtype=torch.int64, device=a.device),
+        "n": mask.sum().to(torch.int64),
         "pattern_gram": pattern_gram,
-        "value_err": err.T.contiguous(),
-        "value_sq": own.double().square().sum(dim=(0, 2)),
+        "value_err": err.T.double(),
+        "value_sq": own.square().sum(dim=(0, 1, 3)).double(),
         "value_outer": gram_increment(keys),
         "n_keys": torch.tensor(keys.shape[0], dtype=torch.int64, device=a.device),
     }
@@ -177,6 +178,8 @@ def neuron_sync_increments(
     post: Float[torch.Tensor, "batch pos d_mlp"],
     mask: Bool[torch.Tensor, "batch pos"],
     at_zero: float,
+    *,
+    binary_gates: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One batch's neuron-synchronisation sums over counted tokens (eq. 17, 20; SPEC §4).
 
@@ -186,14 +189,18 @@ def neuron_sync_increments(
         n · E[i→j] = (P2ᵀ R2 − 2 (F ∘ P)ᵀ R)[i, j] + Σ_t f_i²
 
     — two d_mlp×d_mlp products (``cross``) and a vector (``f_sq``); plus the preactivation Gram
-    ``pre_outer`` = Pᵀ P for the block ranks s_a (eq. 21).
+    ``pre_outer`` = Pᵀ P for the block ranks s_a (eq. 21). ``binary_gates=True`` (ReLU: r ∈ {0, 1}, so
+    r² = r) needs one product for ``cross`` instead of two.
     """
     mask = mask.to(pre.device)
     p = pre[mask].float()
     f = post[mask].float()
     r = gates(p, f, at_zero)
-    cross = (p * p).T @ (r * r)
-    cross.addmm_((f * p).T, r, alpha=-2.0)
+    if binary_gates:  # r ∈ {0, 1} so r² = r: one product, P2ᵀR2 − 2(F∘P)ᵀR = (P2 ∘ (1 − 2R))ᵀ R
+        cross = (p * p * (1.0 - 2.0 * r)).T @ r
+    else:
+        cross = (p * p).T @ (r * r)
+        cross.addmm_((f * p).T, r, alpha=-2.0)
     return {
         "n": torch.tensor(p.shape[0], dtype=torch.int64, device=p.device),
         "cross": cross,
@@ -254,7 +261,8 @@ class NeuronSyncSums(Component):
         hooks: list[Hook] = []
         for layer in self.layers:
             def compute(pre: torch.Tensor, post: torch.Tensor, layer: int = layer) -> None:
-                for key, value in neuron_sync_increments(pre, post, ctx.mask, self.at_zero).items():
+                incs = neuron_sync_increments(pre, post, ctx.mask, self.at_zero, binary_gates=self.act_fn == "relu")
+                for key, value in incs.items():
                     ctx.add(f"nsync/{layer}/{key}", value)
 
             hooks += _pair_hooks(f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", compute, ctx)
@@ -309,7 +317,7 @@ class SyncSweep:
                 "dof_extra": self.dof_extra.tolist(), "generic": self.generic}
 
 
-class _SyncResult:
+class _SyncResult(abc.ABC):
     """Shared machinery: single-linkage blocks, block ranks, degrees of freedom, τ sweeps, export."""
 
     unit = "unit"
@@ -317,6 +325,8 @@ class _SyncResult:
     measures: tuple[str, ...] = ("distance",)
     #: attribute names of the tensors :meth:`tensors` returns
     _tensor_names: tuple[str, ...] = ()
+    #: constructor arguments that are tensors (what :meth:`save` writes; everything else derives from them)
+    _state_names: tuple[str, ...] = ()
     distance: torch.Tensor
 
     def __init__(self, *, layer: int, n_tokens: int, rank_gram: torch.Tensor, unit_width: int):
@@ -476,17 +486,33 @@ class _SyncResult:
         return {**self.summary(), **{k: v.tolist() for k, v in self.tensors().items()}}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tensors as safetensors (summary JSON in the header) and a ``.json`` sidecar, atomically.
-        Read back with :func:`load_sync`."""
+        """Write the result as safetensors (summary JSON in the header) and a ``.json`` sidecar, atomically.
+
+        Only the inputs the result is built from are stored (for neurons: E[i→j], E[f²] and the preactivation
+        Gram, 2·d_mlp² float64); :meth:`load` rebuilds the object, :func:`load_sync` its tensors by name.
+        """
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps(self.summary(), indent=1, sort_keys=True)
-        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        tensors = {k: getattr(self, k).contiguous() for k in self._state_names}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_SAVE_KEY: meta}))
         _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(meta + "\n"))
         return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Any:
+        """Rebuild a result written by :meth:`save`."""
+        summary, tensors = _read_sync_file(path)
+        if summary.get("kind") != cls.__name__:
+            raise BadInputError(f"'{path}' holds a {summary.get('kind')}, not a {cls.__name__}")
+        return cls._from_saved(summary, tensors)
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_saved(cls, summary: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+        """Rebuild from :meth:`summary` and the tensors named in ``_state_names``."""
 
 
 def _need(stats: Stats, prefix: str, layer: int, keys: Sequence[str], flag: str) -> dict[str, torch.Tensor]:
@@ -535,6 +561,7 @@ class HeadSync(_SyncResult):
     measures = ("distance", "normalized_distance", "value_distance", "normalized_value_distance")
     _tensor_names = ("distance", "normalized_distance", "mean_pattern_sq", "value_distance_directed",
                      "value_distance", "normalized_value_distance", "mean_value_sq", "value_gram")
+    _state_names = ("pattern_gram", "value_distance_directed", "mean_value_sq", "value_gram")
 
     def __init__(self, *, layer: int, n_tokens: int, n_keys: int,
                  pattern_gram: Float[torch.Tensor, "head head"],
@@ -545,6 +572,7 @@ class HeadSync(_SyncResult):
         super().__init__(layer=layer, n_tokens=n_tokens, rank_gram=value_gram,
                          unit_width=value_gram.shape[0] // n_heads)
         self.n_keys = n_keys
+        self.pattern_gram = pattern_gram
         sq = pattern_gram.diagonal().clone()
         self.mean_pattern_sq: Float[torch.Tensor, " head"] = sq
         self.distance = (sq[:, None] + sq[None, :] - 2 * pattern_gram).clamp_min(0.0)
@@ -566,6 +594,12 @@ class HeadSync(_SyncResult):
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "d_head": self.d_head, "n_keys": self.n_keys}
+
+    @classmethod
+    def _from_saved(cls, summary: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HeadSync:
+        return cls(layer=summary["layer"], n_tokens=summary["n_tokens"], n_keys=summary["n_keys"],
+                   pattern_gram=tensors["pattern_gram"], value_err=tensors["value_distance_directed"],
+                   value_sq=tensors["mean_value_sq"], value_gram=tensors["value_gram"])
 
 
 class NeuronSync(_SyncResult):
@@ -589,6 +623,7 @@ class NeuronSync(_SyncResult):
     unit = "neuron"
     measures = ("distance", "normalized_distance")
     _tensor_names = ("directed", "distance", "normalized_distance", "mean_f_sq", "pre_gram")
+    _state_names = ("directed", "mean_f_sq", "pre_gram")
 
     def __init__(self, *, layer: int, n_tokens: int, gate_at_zero: float,
                  directed: Float[torch.Tensor, "neuron neuron"],
@@ -611,6 +646,11 @@ class NeuronSync(_SyncResult):
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "gate_at_zero": self.gate_at_zero}
+
+    @classmethod
+    def _from_saved(cls, summary: dict[str, Any], tensors: dict[str, torch.Tensor]) -> NeuronSync:
+        return cls(layer=summary["layer"], n_tokens=summary["n_tokens"], gate_at_zero=summary["gate_at_zero"],
+                   directed=tensors["directed"], mean_f_sq=tensors["mean_f_sq"], pre_gram=tensors["pre_gram"])
 
 
 def head_sync(stats: Stats, layer: int) -> HeadSync:
@@ -649,13 +689,25 @@ def neuron_sync(stats: Stats, layer: int) -> NeuronSync:
                       pre_gram=s["pre_outer"] / n)
 
 
-def load_sync(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a file written by ``HeadSync.save`` / ``NeuronSync.save``: the summary and the matrices."""
+def _read_sync_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".safetensors").exists():
+        path = path.with_name(path.name + ".safetensors")
     if not path.exists():
         raise BadInputError(f"no synchronisation file at '{path}'")
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         if _SAVE_KEY not in header:
             raise BadInputError(f"'{path}' was not written by HeadSync.save / NeuronSync.save")
-        return {**json.loads(header[_SAVE_KEY]), **{k: f.get_tensor(k) for k in f.keys()}}
+        return json.loads(header[_SAVE_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_sync(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by ``HeadSync.save`` / ``NeuronSync.save``: the summary and every tensor of
+    :meth:`~HeadSync.tensors` by name (e.g. ``load_sync(p)["normalized_distance"]``)."""
+    summary, tensors = _read_sync_file(path)
+    kinds = {"HeadSync": HeadSync, "NeuronSync": NeuronSync}
+    if summary.get("kind") not in kinds:
+        raise BadInputError(f"'{path}' holds an unknown result kind {summary.get('kind')!r}")
+    result = kinds[summary["kind"]]._from_saved(summary, tensors)
+    return {**result.summary(), **result.tensors()}
