@@ -1,0 +1,349 @@
+"""The ``tl-degeneracy`` command: sweep a model's layers and write a report folder.
+
+::
+
+    tl-degeneracy run --out runs/demo                       # bundled model and data, offline, CPU minutes
+    tl-degeneracy run --model gpt2 --layers 0-11 --out runs/gpt2
+    tl-degeneracy run --stages basis --out runs/demo        # one stage alone, from saved statistics
+    tl-degeneracy report runs/demo                          # redraw tables, plots and index.md
+
+Parsing only: the stages live in :mod:`tl_degeneracy.pipeline`, the drawing in :mod:`tl_degeneracy.report`.
+Errors print one line ``error: ...`` on stderr and exit 1 (argparse's own usage errors exit 2); an
+interrupted run exits 130 and resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_degeneracy import __version__, report
+from tl_degeneracy.errors import TLDegeneracyError
+from tl_degeneracy.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages, write_json
+
+#: site kinds offered by --sites (attn_pattern is read by the synchronisation analysis, not a vector site)
+_SITE_CHOICES = ("resid_pre", "resid_mid", "resid_post", "mlp_pre", "mlp_post", "attn_z", "ln_final")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# argument types (argparse turns ArgumentTypeError into a usage error, exit 2)
+# ---------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _float(low: float, *, strict: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if not (value > low if strict else value >= low) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    parse = _float(0.0, strict=True)
+    values = tuple(parse(p) for p in text.split(",") if p.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of positive numbers")
+    return values
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    try:
+        return parse_layers(text)
+    except TLDegeneracyError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sites(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds:
+        raise argparse.ArgumentTypeError("no site kinds given")
+    for kind in kinds:
+        if kind not in _SITE_CHOICES and "." not in kind:
+            raise argparse.ArgumentTypeError(
+                f"unknown site kind '{kind}'; choose from {', '.join(_SITE_CHOICES)} or give a hook name"
+            )
+    return kinds
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(STAGES)}")
+    return names
+
+
+def _param_list(text: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of parameter selections")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    parser = argparse.ArgumentParser(
+        prog="tl-degeneracy",
+        description="Degeneracy in the loss landscape of a TransformerLens model (Bushnaq et al. 2024): "
+                    "statistics, interaction bases, synchronisation and the behavioral LLC per layer, "
+                    "written to a report folder.",
+    )
+    parser.add_argument("--version", action="version", version=f"tl-degeneracy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+
+    run = sub.add_parser("run", help="sweep layers and write a report folder",
+                         description="Run the stages (stats, basis, sync, llc, report) into --out. A stage "
+                                     "whose outputs already exist with the same settings is skipped, so an "
+                                     "interrupted run resumes when the same command is run again.")
+    g = run.add_argument_group("model and data")
+    g.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="hub name (needs a network) or a save_pretrained folder; default: the bundled model")
+    g.add_argument("--data", default=None, metavar="SOURCE",
+                   help="token file (.safetensors) or bundled name, text file, or folder of text files; "
+                        "default: the bundled held-out data")
+    g.add_argument("--layers", type=_layers, default=d.layers, metavar="SPEC",
+                   help="'all' (default), a range '0-3' or a list '0,2,5'")
+    g.add_argument("--sites", type=_sites, default=d.sites, metavar="KINDS",
+                   help=f"comma-separated site kinds ({', '.join(_SITE_CHOICES)}); default: "
+                        f"{','.join(d.sites)}")
+    g.add_argument("--n-tokens", type=_positive_int, default=d.n_tokens, metavar="N",
+                   help=f"counted tokens for the statistics (default {d.n_tokens})")
+    g.add_argument("--seq-len", type=_positive_int, default=d.seq_len, metavar="T",
+                   help=f"tokens per sequence (default {d.seq_len})")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, metavar="B",
+                   help=f"sequences per batch (default {d.batch_size})")
+    g.add_argument("--device", default=d.device, help="'auto' (GPU when visible, default), 'cpu', 'cuda', ...")
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of probes and SGLD noise (default 0)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy shared machine")
+
+    g = run.add_argument_group("statistics, bases and synchronisation")
+    g.add_argument("--jacobian", choices=("kl", "mse", "none"), default=d.jacobian,
+                   help="output metric of the Jacobian statistics (default kl); 'none' skips them and the basis")
+    g.add_argument("--n-probes", type=_positive_int, default=d.n_probes, metavar="K",
+                   help=f"probes per token for the Jacobian estimate (default {d.n_probes})")
+    g.add_argument("--precision", choices=("accurate", "fast"), default=d.precision,
+                   help="'accurate' (float32, TF32 off; default) or 'fast' (bfloat16 autocast and products, "
+                        "float64 totals)")
+    g.add_argument("--rtol", type=_float(0.0, strict=False), default=d.rtol,
+                   help=f"relative tolerance of the bases (default {d.rtol:g})")
+    g.add_argument("--atol", type=_float(0.0, strict=False), default=d.atol,
+                   help="absolute tolerance ε on Λ of the interaction basis (default 0)")
+    g.add_argument("--sync", action=argparse.BooleanOptionalAction, default=d.sync,
+                   help="collect and analyse head and neuron synchronisation (default on)")
+    g.add_argument("--sync-measure", choices=("distance", "normalized_distance"), default=d.sync_measure,
+                   help=f"distance the thresholds apply to (default {d.sync_measure})")
+    g.add_argument("--tau-heads", type=_float(0.0, strict=False), default=d.tau_heads,
+                   help=f"threshold τ for synchronised head blocks in the table (default {d.tau_heads:g})")
+    g.add_argument("--tau-neurons", type=_float(0.0, strict=False), default=d.tau_neurons,
+                   help=f"threshold τ for synchronised neuron blocks in the table (default {d.tau_neurons:g})")
+
+    g = run.add_argument_group("behavioral LLC")
+    g.add_argument("--llc", action=argparse.BooleanOptionalAction, default=True,
+                   help="estimate the behavioral LLC (default on)")
+    g.add_argument("--llc-params", type=_param_list, default=d.llc_params, metavar="SELECTIONS",
+                   help="comma-separated parameter selections, {l} expands to every layer "
+                        f"(default {','.join(d.llc_params)})")
+    g.add_argument("--llc-nbeta", type=_float(0.0, strict=True), default=d.llc_nbeta,
+                   help=f"inverse temperature nβ (default {d.llc_nbeta:g})")
+    g.add_argument("--llc-nbetas", type=_float_list, default=d.llc_nbetas, metavar="LIST",
+                   help="nβ values of the whole-model sweep for λ(ε), N_eff(ε) (default: nβ/3, nβ, 3·nβ); "
+                        "the step size is scaled by nβ/nβ_i")
+    g.add_argument("--llc-step-size", type=_float(0.0, strict=True), default=d.llc_step_size,
+                   help=f"SGLD step size at nβ (default {d.llc_step_size:g})")
+    g.add_argument("--llc-localization", type=_float(0.0, strict=False), default=d.llc_localization,
+                   help=f"localization γ (default {d.llc_localization:g})")
+    g.add_argument("--llc-chains", type=_positive_int, default=d.llc_chains, help=f"chains (default {d.llc_chains})")
+    g.add_argument("--llc-steps", type=_positive_int, default=d.llc_steps,
+                   help=f"SGLD steps per chain, burn-in included (default {d.llc_steps})")
+    g.add_argument("--llc-burnin", type=_nonneg_int, default=d.llc_burnin,
+                   help=f"burn-in steps (default {d.llc_burnin})")
+    g.add_argument("--llc-n-tokens", type=_positive_int, default=d.llc_n_tokens, metavar="N",
+                   help=f"counted tokens the sampler cycles through (default {d.llc_n_tokens})")
+    g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
+                   help=f"sequences per SGLD step (default {d.llc_batch_size})")
+
+    g = run.add_argument_group("stages and output")
+    g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
+                   help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
+    g.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
+    g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
+                   help="run folder (default ./tl-degeneracy-run)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    rep = sub.add_parser("report", help="redraw tables, plots and index.md of a run folder (no model needed)",
+                         description="Redraw summary.csv, summary.md, plots/*.png and index.md from the results "
+                                     "saved in DIR.")
+    rep.add_argument("dir", metavar="DIR", help="a folder written by `tl-degeneracy run`")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=args.model, data=args.data, layers=args.layers, sites=args.sites,
+        jacobian=None if args.jacobian == "none" else args.jacobian, n_probes=args.n_probes,
+        precision=args.precision,
+        n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=args.batch_size, sync=args.sync,
+        rtol=args.rtol, atol=args.atol, sync_measure=args.sync_measure, tau_heads=args.tau_heads,
+        tau_neurons=args.tau_neurons, llc_params=args.llc_params, llc_nbeta=args.llc_nbeta,
+        llc_nbetas=args.llc_nbetas, llc_step_size=args.llc_step_size, llc_localization=args.llc_localization,
+        llc_chains=args.llc_chains, llc_steps=args.llc_steps, llc_burnin=args.llc_burnin,
+        llc_n_tokens=args.llc_n_tokens, llc_batch_size=args.llc_batch_size, seed=args.seed, device=args.device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run.json
+# ---------------------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"tl_degeneracy": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformer-lens", "transformers", "numpy", "matplotlib", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _previous_runs(out: Path) -> list[Any]:
+    """The records of earlier invocations on the same folder (from its run.json), oldest first."""
+    path = out / "run.json"
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return []
+    return [*old.pop("previous_runs", []), old]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    config = _config_from(args)
+    if args.llc_burnin >= args.llc_steps:
+        parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
+    explicit = args.stages is not None
+    stages = list(args.stages) if explicit else default_stages(config, llc=args.llc)
+    if explicit:
+        for name, off, flag in (("llc", not args.llc, "--no-llc"), ("sync", not args.sync, "--no-sync"),
+                                ("basis", config.jacobian is None, "--jacobian none")):
+            if name in stages and off:
+                parser.error(f"--stages {name} contradicts {flag}")
+    out = Path(args.out)
+    record: dict[str, Any] = {
+        "command": "tl-degeneracy " + shlex.join(argv),
+        "arguments": {k: v for k, v in vars(args).items() if k != "command"},
+        "config": config.to_json(),
+        "stages_requested": stages,
+        "versions": _versions(),
+        "machine": _machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_runs(out)
+    write_json(out / "run.json", {**record, "result": "running", "previous_runs": previous})
+    t0 = time.perf_counter()
+    status: dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        record["machine"]["torch_threads"] = args.threads
+    try:
+        status = run_stages(config, out, stages, force=args.force, progress=not args.no_progress,
+                            explicit=explicit)
+        record["result"] = "ok"
+    except KeyboardInterrupt:
+        record["result"] = "interrupted"
+        raise
+    except BaseException as err:
+        record["result"] = f"error: {type(err).__name__}: {err}"
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        record.update(stages=status, wall_seconds=time.perf_counter() - t0,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), previous_runs=previous)
+        write_json(out / "run.json", record)
+    if (out / "index.md").is_file():
+        print(f"[tl-degeneracy] report: {out / 'index.md'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    path = report.write_report(args.dir)
+    print(f"[tl-degeneracy] report: {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tl-degeneracy``; returns the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version (0) and usage errors (2)
+        return int(exit_.code or 0)
+    try:
+        if args.command == "run":
+            return _cmd_run(args, argv, parser)
+        return _cmd_report(args)
+    except SystemExit as exit_:  # parser.error after parsing
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (TLDegeneracyError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

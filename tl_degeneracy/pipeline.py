@@ -1,0 +1,698 @@
+"""The stages of ``tl-degeneracy run``: independent steps that read and write files in one run folder.
+
+Each stage is a :class:`Stage` in the registry :data:`STAGES`, run in this order:
+
+- ``stats``: one streaming pass of :func:`tl_degeneracy.collect` (activation, output-Jacobian, head and
+  neuron synchronisation sums) → ``stats.safetensors``; checkpointed to ``stats.partial.safetensors`` so an
+  interrupted pass resumes where it stopped;
+- ``basis``: interaction and PCA bases of every site → ``bases/``;
+- ``sync``: head and neuron synchronisation per layer → ``sync/``;
+- ``llc``: behavioral LLC of the whole model and of each layer, and an nβ sweep for λ(ε) → ``llc/``;
+- ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.report.write_report`).
+
+A finished stage leaves a marker ``stages/{name}.json`` (written last) with the settings its outputs depend
+on and the ids of the upstream outputs it read. Running a stage again skips it when the marker and its
+outputs exist with the same settings and inputs; recomputes it when an upstream stage was recomputed since;
+and refuses, naming the difference, when the settings changed (``force=True`` recomputes). So an interrupted
+run resumes by running the same command again, and scripted sweeps can run one stage alone::
+
+    cfg = RunConfig(layers=(0, 1), n_tokens=2048)
+    run_stages(cfg, "runs/demo", ["stats"])
+    run_stages(cfg, "runs/demo", ["basis"])        # reads runs/demo/stats.safetensors
+
+Stages only call the public API (``tl_degeneracy.*``); a stage whose analysis this installation lacks says
+so (:meth:`Stage.unavailable`) instead of running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tl_degeneracy as tld
+from tl_degeneracy.basis import DEFAULT_RTOL
+from tl_degeneracy.errors import BadInputError
+
+__all__ = [
+    "RunConfig",
+    "RunContext",
+    "STAGES",
+    "Stage",
+    "StageSettingsError",
+    "default_stages",
+    "load_data",
+    "parse_layers",
+    "run_stages",
+]
+
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".html", ".tex")
+
+
+class StageSettingsError(BadInputError):
+    """A finished stage's outputs were made with other settings than the ones asked for now."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on; each stage reads the fields it needs (see :meth:`Stage.settings`).
+
+    ``model``/``data`` ``None`` mean the bundled model (``tld.bundled_model_path()``) and its held-out token
+    file (``tld.bundled_data_path()``). ``layers`` ``None`` means every layer. ``llc_params`` are parameter
+    selections (SPEC §5); ``{l}`` expands to every analysed layer.
+
+    The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
+    defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
+    and 40 steps) were chosen on the bundled model, where the per-layer traces level off within the
+    burn-in; they give a quick, strongly localised estimate. For numbers to report, raise ``llc_steps``
+    and check the traces and MALA acceptance in the report.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    layers: tuple[int, ...] | None = None
+    sites: tuple[str, ...] = ("resid_pre", "mlp_post")
+    jacobian: str | None = "kl"
+    n_probes: int = 4
+    precision: str = "accurate"
+    n_tokens: int = 8192
+    seq_len: int = 128
+    batch_size: int = 16
+    sync: bool = True
+    rtol: float = DEFAULT_RTOL
+    atol: float = 0.0
+    sync_measure: str = "normalized_distance"
+    tau_heads: float = 0.05
+    tau_neurons: float = 0.05
+    llc_params: tuple[str, ...] = ("all", "blocks.{l}")
+    llc_nbeta: float = 1e4
+    llc_nbetas: tuple[float, ...] = ()
+    llc_step_size: float = 2e-5
+    llc_localization: float = 5000.0
+    llc_chains: int = 2
+    llc_steps: int = 40
+    llc_burnin: int = 15
+    llc_n_tokens: int = 2048
+    llc_batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    """``"all"`` → None; ``"0-3"`` → (0, 1, 2, 3); ``"0,2,5"`` and mixtures like ``"0-2,5"``; sorted, unique."""
+    text = text.strip()
+    if text == "all":
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise BadInputError(f"invalid layers '{text}': use 'all', a range '0-3' or a list '0,2,5'")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise BadInputError(f"invalid layer range '{part}': the end is below the start")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` → ``"cuda"`` when a GPU is visible, else ``"cpu"``; a CUDA device without CUDA fails early."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"device '{name}' asked for, but no CUDA device is available; use --device cpu")
+    try:
+        torch.device(name)
+    except RuntimeError as err:
+        raise BadInputError(f"unknown device '{name}': {err}") from err
+    return name
+
+
+def model_identity(model: str | None) -> str:
+    """The model as recorded in stage settings: a resolved folder path, or the hub name as given."""
+    if model is None:
+        return str(tld.bundled_model_path().resolve())
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def data_identity(data: str | None) -> str:
+    if data is None:
+        return str(tld.bundled_data_path().resolve())
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def load_data(model: Any, source: str | None, *, seq_len: int, batch_size: int,
+              n_tokens: int | None) -> tld.TokenBatches:
+    """Token batches for a run from ``--data``: a bundled token-file name or path, a text file, or a folder.
+
+    - ``None``: the bundled held-out file (``tld.bundled_data_path()``).
+    - a ``.safetensors`` token file (1-D ``"tokens"``) or the name of one in ``data/``. The bundled files hold
+      ids of the bundled model's tokenizer; for a model with another tokenizer (e.g. ``gpt2``) they are
+      decoded to text with the bundled tokenizer and tokenised again with the model's.
+    - a text file: one document; a folder: every text file in it (``TEXT_SUFFIXES``, sorted by path).
+    """
+    if source is None:
+        path = tld.bundled_data_path()
+        if not path.is_file():
+            raise BadInputError(f"the bundled held-out data is not at '{path}'; pass --data FILE_OR_FOLDER")
+    else:
+        path = Path(source).expanduser()
+        if not path.exists() and tld.bundled_data_path(str(source)).is_file():
+            path = tld.bundled_data_path(str(source))
+    kwargs = {"seq_len": seq_len, "batch_size": batch_size, "n_tokens": n_tokens}
+    if path.suffix == ".safetensors" and path.is_file():
+        texts = _bundled_texts_for(model, path)
+        if texts is None:
+            return tld.token_batches(model, path, **kwargs)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise BadInputError(f"--data folder '{path}' holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        texts = [p.read_text(errors="replace") for p in files]
+    elif path.is_file():
+        texts = [path.read_text(errors="replace")]
+    else:
+        raise BadInputError(
+            f"--data '{source}': no such file or folder, and no bundled data set of that name in "
+            f"{tld.bundled_data_path(str(source)).parent}"
+        )
+    return _texts_to_batches(model, texts, **kwargs)
+
+
+def _texts_to_batches(model: Any, texts: list[str], *, n_tokens: int | None, **kwargs: Any) -> tld.TokenBatches:
+    """``token_batches`` of texts, tokenising only a prefix of the texts when ``n_tokens`` caps the count.
+
+    The prefix holds 8 characters per wanted token (BPE tokens of code and prose average 3–4), and grows
+    fourfold until it gives ``n_tokens`` counted tokens or holds every text.
+    """
+    budget = None if n_tokens is None else 8 * (n_tokens + 1024)
+    while True:
+        if budget is None or budget >= sum(len(t) for t in texts):
+            return tld.token_batches(model, texts, n_tokens=n_tokens, **kwargs)
+        prefix, left = [], budget
+        for text in texts:
+            prefix.append(text[:left])
+            left -= len(prefix[-1])
+            if left <= 0:
+                break
+        batches = tld.token_batches(model, prefix, n_tokens=n_tokens, **kwargs)
+        if batches.n_counted >= n_tokens:
+            return batches
+        budget *= 4
+
+
+def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
+    """Texts of a bundled token file when ``model`` has another tokenizer than the bundled one, else None."""
+    if path.resolve().parent != tld.bundled_data_path().resolve().parent:
+        return None
+    tokenizer = getattr(model, "tokenizer", None)
+    try:
+        from transformers import AutoTokenizer
+
+        bundled = AutoTokenizer.from_pretrained(str(tld.bundled_model_path()))
+    except (OSError, BadInputError):
+        return None
+    if tokenizer is None or tokenizer.get_vocab() == bundled.get_vocab():
+        return None
+    from safetensors.torch import load_file
+
+    stream = load_file(str(path))["tokens"].long()
+    eot = bundled.eos_token_id
+    cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
+    texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [t for t in texts if t.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the context shared by the stages of one invocation
+# ---------------------------------------------------------------------------------------------------------
+def _log_stderr(message: str) -> None:
+    print(f"[tl-degeneracy] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunContext:
+    """The run folder, the configuration, and the model (loaded once, when a stage first needs it)."""
+
+    config: RunConfig
+    out: Path
+    progress: bool = True
+    log: Callable[[str], None] = _log_stderr
+    timings: dict[str, float] = field(default_factory=dict)
+    _data: dict[tuple[int | None, int], tld.TokenBatches] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def device(self) -> str:
+        return resolve_device(self.config.device)
+
+    @cached_property
+    def model(self) -> Any:
+        name = str(tld.bundled_model_path()) if self.config.model is None else self.config.model
+        self.log(f"loading model {name} on {self.device}")
+        t0 = time.perf_counter()
+        model = tld.load_model(name, device=self.device)
+        self.timings["load_model"] = time.perf_counter() - t0
+        return model
+
+    @cached_property
+    def layers(self) -> list[int]:
+        """The analysed layers, checked against the model."""
+        n_layers = tld.ModelAdapter(self.model).n_layers
+        layers = list(range(n_layers)) if self.config.layers is None else list(self.config.layers)
+        bad = [x for x in layers if not 0 <= x < n_layers]
+        if bad:
+            raise BadInputError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+        return layers
+
+    def data(self, *, n_tokens: int | None, batch_size: int) -> tld.TokenBatches:
+        """Token batches from ``config.data`` (built once per ``(n_tokens, batch_size)``)."""
+        key = (n_tokens, batch_size)
+        if key not in self._data:
+            c = self.config
+            self._data[key] = load_data(self.model, c.data, seq_len=c.seq_len, batch_size=batch_size,
+                                        n_tokens=n_tokens)
+        return self._data[key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage registry
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run.
+
+    Attributes:
+        name: the name used by ``--stages``.
+        help: one line for ``--help``.
+        run: ``run(ctx) -> (outputs, summary)``: writes files under ``ctx.out``; returns their paths
+            (relative to the folder) and a JSON-ready summary kept in the marker.
+        settings: ``settings(config) -> dict``: the configuration fields the outputs depend on.
+        after: stages whose outputs it reads (they must have finished, in this or an earlier invocation).
+        requires: public ``tl_degeneracy`` names it calls; missing ones make it unavailable.
+        always: run every time (no marker): for the report, which is cheap and reflects every other stage.
+        check: ``check(ctx)`` raises on options that would fail the stage; runs before any stage does.
+    """
+
+    name: str
+    help: str
+    run: Callable[[RunContext], tuple[list[str], dict[str, Any]]]
+    settings: Callable[[RunConfig], dict[str, Any]]
+    after: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    always: bool = False
+    check: Callable[[RunContext], None] | None = None
+
+    def unavailable(self) -> str | None:
+        """Why this installation cannot run the stage (None when it can)."""
+        missing = [n for n in self.requires if not hasattr(tld, n)]
+        if missing:
+            return (f"stage '{self.name}' is not available: this installation of tl_degeneracy "
+                    f"{tld.__version__} has no {', '.join('tld.' + n for n in missing)}")
+        return None
+
+
+#: name -> stage, in run order
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage to :data:`STAGES` (run order is registration order)."""
+    if stage.name in STAGES:
+        raise ValueError(f"stage '{stage.name}' is already registered")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
+    """Every registered stage the configuration asks for: no ``basis`` without a Jacobian, no ``sync``
+    without synchronisation sums, no ``llc`` when switched off."""
+    skip = {"basis"} if config.jacobian is None else set()
+    if not config.sync:
+        skip.add("sync")
+    if not llc:
+        skip.add("llc")
+    return [name for name in STAGES if name not in skip]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# markers
+# ---------------------------------------------------------------------------------------------------------
+def _marker_path(out: Path, name: str) -> Path:
+    return out / "stages" / f"{name}.json"
+
+
+def read_marker(out: Path, name: str) -> dict[str, Any] | None:
+    """The marker of a finished stage, or None when it has not finished (or its outputs are gone)."""
+    path = _marker_path(out, name)
+    if not path.is_file():
+        return None
+    marker = json.loads(path.read_text())
+    if not all((out / p).exists() for p in marker.get("outputs", [])):
+        return None
+    return marker
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename); NaN/inf become null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(_json_safe(obj), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------
+def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str], *, force: bool = False,
+               progress: bool = True, log: Callable[[str], None] = _log_stderr,
+               explicit: bool = True) -> dict[str, dict[str, Any]]:
+    """Run the named stages in registry order in the folder ``out``; returns ``{stage: status}``.
+
+    First a plan, before anything runs: each stage is skipped (its outputs exist with the same settings and
+    inputs), recomputed (``force``, never finished, or an upstream stage runs or ran since), or refused
+    (other settings: :class:`StageSettingsError`); then every stage that will run checks its options
+    (:attr:`Stage.check`), so a bad option fails in seconds, not after the statistics pass. Then the stages run.
+
+    A status has ``status`` (``"ran"``, ``"skipped"`` (up to date), ``"unavailable"``) and ``seconds``.
+    ``explicit=False`` (the default stage list) turns an unavailable stage into a warning instead of an error.
+    Raises :class:`BadInputError` when a stage's inputs are missing.
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise BadInputError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    out = Path(out)
+    ctx = RunContext(config, out, progress=progress, log=log)
+    status: dict[str, dict[str, Any]] = {}
+    to_run: list[Stage] = []
+    for name in (s for s in STAGES if s in stages):
+        stage = STAGES[name]
+        why = stage.unavailable()
+        if why is not None:
+            if explicit:
+                raise BadInputError(why)
+            log(f"warning: {why}; skipping it")
+            status[name] = {"status": "unavailable", "reason": why}
+            continue
+        rerun_deps = [d for d in stage.after if any(s.name == d for s in to_run)]
+        for dep in stage.after:
+            if dep not in rerun_deps and read_marker(out, dep) is None:
+                raise BadInputError(
+                    f"stage '{name}' reads the outputs of stage '{dep}', which has not finished in '{out}'; "
+                    f"run `tl-degeneracy run --stages {dep} --out {out}` first (same model and data options)"
+                )
+        marker = None if stage.always else read_marker(out, name)
+        if marker is None or force:
+            to_run.append(stage)
+            continue
+        settings = _json_safe(stage.settings(config))
+        if _json_safe(marker["settings"]) != settings:
+            raise StageSettingsError(
+                f"stage '{name}' in '{out}' was run with other settings "
+                f"({_differences(marker['settings'], settings)}); pass --force to recompute it, or use another --out"
+            )
+        current = {dep: (read_marker(out, dep) or {}).get("id") for dep in stage.after}
+        if rerun_deps or marker.get("inputs") != current:
+            log(f"{name}: its inputs are recomputed since it ran; it runs again")
+            to_run.append(stage)
+            continue
+        log(f"{name}: up to date in {out}, skipped")
+        status[name] = {"status": "skipped", "seconds": 0.0}
+
+    for stage in to_run:
+        if stage.check is not None:
+            stage.check(ctx)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in to_run:
+        name = stage.name
+        inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
+        _marker_path(out, name).unlink(missing_ok=True)
+        log(f"{name}: running")
+        t0 = time.perf_counter()
+        outputs, summary = stage.run(ctx)
+        seconds = time.perf_counter() - t0
+        if not stage.always:
+            write_json(_marker_path(out, name), {
+                "stage": name, "id": uuid.uuid4().hex, "settings": stage.settings(config), "inputs": inputs,
+                "outputs": outputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "summary": summary,
+            })
+        log(f"{name}: done in {seconds:.1f} s")
+        status[name] = {"status": "ran", "seconds": seconds}
+    if "load_model" in ctx.timings:
+        status["_load_model"] = {"status": "ran", "seconds": ctx.timings["load_model"]}
+    return status
+
+
+@contextlib.contextmanager
+def _forward_warnings(log: Callable[[str], None]) -> Iterator[None]:
+    """Report library warnings through the run log (one line each, no source location)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log(f"warning: {' '.join(str(w.message).split())}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stages
+# ---------------------------------------------------------------------------------------------------------
+def _stats_settings(c: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
+            "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes, "precision": c.precision,
+            "n_tokens": c.n_tokens,
+            "seq_len": c.seq_len, "batch_size": c.batch_size, "sync": c.sync, "seed": c.seed}
+
+
+def _check_stats(ctx: RunContext) -> None:
+    c = ctx.config
+    if c.jacobian is not None and importlib.util.find_spec("tl_degeneracy.jacobian") is None:
+        raise BadInputError(
+            f"Jacobian statistics (--jacobian {c.jacobian}) are not available in this installation of "
+            f"tl_degeneracy {tld.__version__}; pass --jacobian none (no interaction basis)"
+        )
+    tld.resolve_sites(ctx.model, list(c.sites), layers=ctx.layers)
+    ctx.data(n_tokens=c.n_tokens, batch_size=c.batch_size)
+
+
+def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    c = ctx.config
+    model = ctx.model
+    _check_stats(ctx)
+    sites = tld.resolve_sites(model, list(c.sites), layers=ctx.layers)
+    data = ctx.data(n_tokens=c.n_tokens, batch_size=c.batch_size)
+    adapter = tld.ModelAdapter(model)
+    sync = c.sync and importlib.util.find_spec("tl_degeneracy.sync") is not None
+    if c.sync and not sync:
+        ctx.log(f"warning: synchronisation sums are not available in tl_degeneracy {tld.__version__}; "
+                "collecting without them")
+    partial = ctx.out / "stats.partial.safetensors"
+    if partial.exists():
+        ctx.log(f"stats: resuming the interrupted pass from {partial}")
+    with _forward_warnings(ctx.log):
+        stats = tld.collect(
+            model, data, sites=sites, jacobian=c.jacobian, n_probes=c.n_probes, precision=c.precision, seed=c.seed,
+            head_sync=sync, neuron_sync=sync and adapter.d_mlp is not None, sync_layers=ctx.layers,
+            checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
+            progress=ctx.progress,
+        )
+    stats.save(ctx.out / "stats.safetensors")
+    partial.unlink(missing_ok=True)
+    partial.with_suffix(".json").unlink(missing_ok=True)
+    return ["stats.safetensors", "stats.json"], {"n_tokens": stats.n_tokens, "sites": stats.sites,
+                                                  "collect_seconds": stats.meta.get("seconds")}
+
+
+def _basis_settings(c: RunConfig) -> dict[str, Any]:
+    return {"rtol": c.rtol, "atol": c.atol, "center": True, "scaling": "sqrt_lambda"}
+
+
+def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    c = ctx.config
+    stats = tld.Stats.load(ctx.out / "stats.safetensors")
+    if not (stats.meta.get("jacobian") or {}).get("metric"):
+        raise BadInputError(
+            f"'{ctx.out / 'stats.safetensors'}' holds no Jacobian statistics (collected with --jacobian none); "
+            "the interaction basis needs them: re-run the stats stage with --jacobian kl --force"
+        )
+    folder = ctx.out / "bases"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*"):
+        old.unlink()
+    with _forward_warnings(ctx.log):
+        bases = tld.interaction_bases(stats, center=True, rtol=c.rtol, atol=c.atol, scaling="sqrt_lambda")
+        pcas = {site: tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol) for site in bases}
+    outputs, summary = [], {}
+    for site, ib in bases.items():
+        for kind, basis in (("interaction", ib), ("pca", pcas[site])):
+            path = basis.save(folder / f"{site}.{kind}")
+            outputs += [str(path.relative_to(ctx.out)), str(path.with_suffix(".json").relative_to(ctx.out))]
+        summary[site] = {"d": ib.input_dim, "rank_G": ib.rank_G, "dim": ib.dim, "pca_dim": pcas[site].dim}
+    return outputs, summary
+
+
+def _sync_settings(c: RunConfig) -> dict[str, Any]:
+    return {"measure": c.sync_measure, "tau_heads": c.tau_heads, "tau_neurons": c.tau_neurons}
+
+
+def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    c = ctx.config
+    stats = tld.Stats.load(ctx.out / "stats.safetensors")
+    components = stats.meta.get("components", {})
+    if not (stats.meta.get("head_sync") or stats.meta.get("neuron_sync")):
+        raise BadInputError(
+            f"'{ctx.out / 'stats.safetensors'}' holds no synchronisation sums; "
+            "re-run the stats stage with --sync --force"
+        )
+    folder = ctx.out / "sync"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*"):
+        old.unlink()
+    summary: dict[str, Any] = {"measure": c.sync_measure, "tau_heads": c.tau_heads,
+                               "tau_neurons": c.tau_neurons, "layers": {}}
+    outputs = []
+    parts = (("heads", "HeadSyncSums", tld.head_sync, c.tau_heads),
+             ("neurons", "NeuronSyncSums", tld.neuron_sync, c.tau_neurons))
+    for kind, component, analyse, tau in parts:
+        if not stats.meta.get(f"{kind[:-1]}_sync"):
+            continue
+        for layer in components.get(component, {}).get("layers", []):
+            result = analyse(stats, layer)
+            path = result.save(folder / f"{kind}.layer{layer}")
+            outputs += [str(path.relative_to(ctx.out)), str(path.with_suffix(".json").relative_to(ctx.out))]
+            summary["layers"].setdefault(str(layer), {})[kind] = {
+                "n_units": result.n_units,
+                "dof": result.dof(tau, measure=c.sync_measure).to_dict(),
+                "sweep": result.sweep(measure=c.sync_measure, dof=False).to_dict(),
+            }
+    write_json(folder / "summary.json", summary)
+    outputs.append("sync/summary.json")
+    brief = {layer: {k: len(v["dof"]["blocks"]) for k, v in parts_.items()}
+             for layer, parts_ in summary["layers"].items()}
+    return outputs, {"blocks": brief}
+
+
+def llc_selections(params: Sequence[str], layers: Sequence[int]) -> list[str]:
+    """Parameter selections with ``{l}`` expanded to every layer, in order, without repeats."""
+    out: list[str] = []
+    for p in params:
+        for sel in ([p.replace("{l}", str(x)) for x in layers] if "{l}" in p else [p]):
+            if sel not in out:
+                out.append(sel)
+    return out
+
+
+def _llc_settings(c: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
+            "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
+            "step_size": c.llc_step_size, "localization": c.llc_localization, "chains": c.llc_chains,
+            "steps": c.llc_steps, "burnin": c.llc_burnin, "n_tokens": c.llc_n_tokens,
+            "batch_size": c.llc_batch_size, "seq_len": c.seq_len, "seed": c.seed}
+
+
+def _check_llc(ctx: RunContext) -> None:
+    from tl_degeneracy.model import parameter_masks
+
+    for sel in llc_selections(ctx.config.llc_params, ctx.layers):
+        if sel != "all":
+            parameter_masks(ctx.model, sel)
+    ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
+
+
+def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    c = ctx.config
+    model = ctx.model
+    data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
+    folder = ctx.out / "llc"
+    if folder.exists():
+        shutil.rmtree(folder)
+    options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
+                               "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
+                               "on_divergence": "drop", "progress": ctx.progress}
+    results: dict[str, Any] = {}
+    with _forward_warnings(ctx.log):
+        for sel in llc_selections(c.llc_params, ctx.layers):
+            ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
+            results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
+                                            **options)
+            results[sel].save(folder / sel)
+        # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
+        # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
+        nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
+        ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
+        sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
+                                    scale_step_size=True, params="all", **options)
+    sweep.save(folder / "scale")
+    write_json(folder / "summary.json", {"loss": "kl", "selections": {sel: sel for sel in results},
+                                         "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
+    outputs = [f"llc/{sel}/llc.{ext}" for sel in results for ext in ("json", "safetensors")]
+    outputs += ["llc/scale/sweep.json", "llc/summary.json"]
+    brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
+    brief["scale"] = sweep.rows()
+    return outputs, brief
+
+
+def _report_settings(c: RunConfig) -> dict[str, Any]:
+    return {}
+
+
+def _run_report(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    from tl_degeneracy import report
+
+    path = report.write_report(ctx.out)
+    return [str(path.relative_to(ctx.out))], {}
+
+
+register(Stage("stats", "stream activation, Jacobian and synchronisation statistics (checkpointed)",
+               _run_stats, _stats_settings, requires=("collect", "resolve_sites", "load_model"), check=_check_stats))
+register(Stage("basis", "interaction and PCA bases per site", _run_basis, _basis_settings, after=("stats",),
+               requires=("interaction_bases", "pca_basis")))
+register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
+               requires=("head_sync", "neuron_sync")))
+register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,
+               _llc_settings, requires=("estimate_llc", "llc_scale_sweep"), check=_check_llc))
+register(Stage("report", "tables, plots and index.md from the saved results", _run_report, _report_settings,
+               always=True))

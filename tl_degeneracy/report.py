@@ -1,0 +1,709 @@
+"""Tables, plots and the ``index.md`` of a run folder, drawn from saved results only (no model needed).
+
+Every plot function takes result objects (as the analyses return them, or as :func:`load_results` reads them
+back) and returns a :class:`matplotlib.figure.Figure` built without ``pyplot``, so it works under any
+backend, in scripts and in notebooks (a notebook displays the returned figure). :func:`write_report`
+draws everything a ``tl-degeneracy run`` folder holds and writes the summary table and ``index.md``.
+
+Example::
+
+    import tl_degeneracy as tld
+    res = tld.report.load_results("runs/demo")
+    fig = tld.report.plot_spectra(res.bases, res.pca)      # Λ spectra against PCA variances, per layer
+    fig.savefig("spectra.png")
+    tld.report.write_report("runs/demo")                    # redraw tables, plots and index.md
+
+Folder layout read here (written by the stages in :mod:`tl_degeneracy.pipeline`)::
+
+    stats.json                                   metadata of the streamed statistics
+    bases/{site}.interaction.{safetensors,json}  InteractionBasis.save
+    bases/{site}.pca.{safetensors,json}
+    sync/summary.json                            blocks and degrees of freedom at τ, τ sweeps, per layer
+    sync/{heads,neurons}.layer{l}.safetensors    HeadSync.save / NeuronSync.save
+    llc/summary.json                             which selections and sweep the llc stage saved
+    llc/{selection}/                             LLCResult.save, one folder per parameter selection
+    llc/scale/                                   LLCScaleSweep.save: one LLCResult per nβ
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from tl_degeneracy.basis import InteractionBasis
+from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.sites import SITE_KINDS, site_kind, site_layer
+
+__all__ = [
+    "RunResults",
+    "SUMMARY_COLUMNS",
+    "load_results",
+    "plot_dim_curves",
+    "plot_dims",
+    "plot_head_sync",
+    "plot_llc_scale",
+    "plot_llc_traces",
+    "plot_spectra",
+    "plot_sync_sweeps",
+    "summary_markdown",
+    "summary_rows",
+    "write_report",
+    "write_summary",
+]
+
+#: columns of the summary table (one row per site), in order, with their Markdown headers
+SUMMARY_COLUMNS: dict[str, str] = {
+    "layer": "layer",
+    "site": "site",
+    "d": "d",
+    "rank_G": "rank G",
+    "ib_dim": "IB dim",
+    "pca_dim": "PCA dim",
+    "top_lambda": "top Λ",
+    "head_blocks": "head blocks",
+    "head_extra_dof": "head extra dof",
+    "neuron_blocks": "neuron blocks",
+    "neuron_extra_dof": "neuron extra dof",
+    "llc": "LLC (layer)",
+    "llc_std": "± std",
+    "eps_hat": "ε̂",
+}
+
+_DPI = 110
+_KIND_ORDER = {k: i for i, k in enumerate(SITE_KINDS)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a run folder
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class RunResults:
+    """Everything a run folder holds, as result objects; a part is empty when its stage has not run.
+
+    Attributes:
+        folder: the run folder.
+        bases: site -> interaction :class:`~tl_degeneracy.basis.InteractionBasis`.
+        pca: site -> PCA basis (same class, ``kind="pca"``).
+        sync: the sync stage's ``summary.json`` (τ, measure, per layer: blocks, degrees of freedom, sweeps).
+        head_sync: layer -> :class:`~tl_degeneracy.sync.HeadSync` read back from ``sync/heads.layer{l}``.
+        llc: parameter selection ("all", "blocks.0", ...) -> :class:`~tl_degeneracy.llc.LLCResult`.
+        llc_scale: the scale sweep (``LLCScaleSweep.results``), one LLCResult per nβ, ascending nβ.
+        stats_meta: metadata of the streamed statistics (model, data, sites, settings).
+        run: ``run.json`` (command, arguments, versions, timings, machine).
+        stages: stage name -> the marker a finished stage left (settings, inputs, outputs, seconds).
+    """
+
+    folder: Path
+    bases: dict[str, InteractionBasis] = field(default_factory=dict)
+    pca: dict[str, InteractionBasis] = field(default_factory=dict)
+    sync: dict[str, Any] | None = None
+    head_sync: dict[int, Any] = field(default_factory=dict)
+    llc: dict[str, Any] = field(default_factory=dict)
+    llc_scale: list[Any] = field(default_factory=list)
+    stats_meta: dict[str, Any] | None = None
+    run: dict[str, Any] | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites with results, ordered by layer then site kind."""
+        names = set(self.bases) | set(self.pca) | set((self.stats_meta or {}).get("sites", []))
+        return sort_sites(names)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.bases or self.pca or self.sync or self.llc or self.llc_scale or self.stats_meta)
+
+
+def sort_sites(names: Sequence[str] | set[str]) -> list[str]:
+    """Sites by layer (sites outside the blocks last), then by SPEC site kind."""
+    def key(name: str) -> tuple[int, int, str]:
+        layer = site_layer(name)
+        return (10**9 if layer is None else layer, _KIND_ORDER.get(site_kind(name) or "", 99), name)
+
+    return sorted(names, key=key)
+
+
+def load_results(folder: str | os.PathLike) -> RunResults:
+    """Read every saved result of a run folder (see the module docstring for the layout)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BadInputError(f"run folder '{root}' does not exist")
+    res = RunResults(folder=root)
+    if (root / "stats.json").is_file():
+        res.stats_meta = json.loads((root / "stats.json").read_text())
+    if (root / "run.json").is_file():
+        res.run = json.loads((root / "run.json").read_text())
+    for path in sorted((root / "stages").glob("*.json")):
+        res.stages[path.stem] = json.loads(path.read_text())
+    bases_dir = root / "bases"
+    for path in sorted(bases_dir.glob("*.interaction.safetensors")):
+        res.bases[path.name.removesuffix(".interaction.safetensors")] = InteractionBasis.load(path)
+    for path in sorted(bases_dir.glob("*.pca.safetensors")):
+        res.pca[path.name.removesuffix(".pca.safetensors")] = InteractionBasis.load(path)
+    sync_dir = root / "sync"
+    if (sync_dir / "summary.json").is_file():
+        from tl_degeneracy.sync import HeadSync
+
+        res.sync = json.loads((sync_dir / "summary.json").read_text())
+        for layer in res.sync.get("layers", {}):
+            path = sync_dir / f"heads.layer{layer}.safetensors"
+            if path.is_file():
+                res.head_sync[int(layer)] = HeadSync.load(path)
+    llc_dir = root / "llc"
+    if (llc_dir / "summary.json").is_file():
+        from tl_degeneracy.behavioral import LLCScaleSweep
+        from tl_degeneracy.llc import LLCResult
+
+        summary = json.loads((llc_dir / "summary.json").read_text())
+        for selection, sub in summary.get("selections", {}).items():
+            res.llc[selection] = LLCResult.load(llc_dir / sub)
+        if summary.get("scale"):
+            res.llc_scale = sorted(LLCScaleSweep.load(llc_dir / summary["scale"]).results, key=lambda r: r.nbeta)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the summary table
+# ---------------------------------------------------------------------------------------------------------
+def summary_rows(results: RunResults) -> list[dict[str, Any]]:
+    """One row per site (see :data:`SUMMARY_COLUMNS`); a value is ``None`` when its stage has not run.
+
+    Per-layer columns (synchronisation at the sync stage's τ, the LLC of the layer's parameters
+    ``blocks.{l}``) repeat on every site of the layer.
+    """
+    rows = []
+    layer_sync = (results.sync or {}).get("layers", {})
+    for site in results.sites:
+        layer = site_layer(site)
+        ib, pca = results.bases.get(site), results.pca.get(site)
+        sync = layer_sync.get(str(layer), {}) if layer is not None else {}
+        heads, neurons = sync.get("heads"), sync.get("neurons")
+        llc = results.llc.get(f"blocks.{layer}") if layer is not None else None
+        rows.append({
+            "layer": "final" if layer is None else layer,
+            "site": site,
+            "d": ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None),
+            "rank_G": ib.rank_G if ib is not None else (pca.rank_G if pca is not None else None),
+            "ib_dim": ib.dim if ib is not None else None,
+            "pca_dim": pca.dim if pca is not None else None,
+            "top_lambda": float(ib.all_lambdas[0]) if ib is not None and ib.all_lambdas.numel() else None,
+            "head_blocks": len(heads["dof"]["blocks"]) if heads else None,
+            "head_extra_dof": heads["dof"]["extra"] if heads else None,
+            "neuron_blocks": len(neurons["dof"]["blocks"]) if neurons else None,
+            "neuron_extra_dof": neurons["dof"]["extra"] if neurons else None,
+            "llc": llc.llc_mean if llc is not None else None,
+            "llc_std": llc.llc_std if llc is not None else None,
+            "eps_hat": llc.eps_hat if llc is not None else None,
+        })
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The summary table as GitHub Markdown (numbers to 4 significant digits, ``–`` for not computed)."""
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
+             "|" + "|".join("---" if k == "site" else "---:" for k in SUMMARY_COLUMNS) + "|"]
+    for row in rows:
+        cells = [f"`{row['site']}`" if k == "site" else _fmt(row.get(k)) for k in SUMMARY_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: Sequence[Mapping[str, Any]], folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``summary.csv`` (full precision, empty cell for not computed) and ``summary.md``."""
+    folder = Path(folder)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
+    csv_path, md_path = folder / "summary.csv", folder / "summary.md"
+    csv_path.write_text(buf.getvalue())
+    md_path.write_text(summary_markdown(rows))
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------
+def _by_kind(sites: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for site in sort_sites(list(sites)):
+        groups.setdefault(site_kind(site) or site, []).append(site)
+    return dict(sorted(groups.items(), key=lambda kv: _KIND_ORDER.get(kv[0], 99)))
+
+
+def _layer_colors(sites: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    layers = [site_layer(s) for s in sites]
+    top = max([x for x in layers if x is not None], default=0)
+    cmap, norm = matplotlib.colormaps["viridis"], Normalize(vmin=0, vmax=max(top, 1))
+    return {s: cmap(norm(x if x is not None else top)) for s, x in zip(sites, layers, strict=True)}
+
+
+def _site_label(site: str) -> str:
+    layer = site_layer(site)
+    return "final" if layer is None else f"layer {layer}"
+
+
+def _positive(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    v = values.detach().cpu().double().numpy()
+    idx = np.arange(1, v.size + 1)
+    keep = v > 0
+    return idx[keep], v[keep]
+
+
+def plot_spectra(bases: Mapping[str, InteractionBasis],
+                 pca: Mapping[str, InteractionBasis] | None = None) -> Figure:
+    """Interaction-basis spectra Λ (eigenvalues of G·M, paper §6) per layer, above the PCA variances.
+
+    One column per site kind; top row: every eigenvalue of M̃ (``all_lambdas``), descending, on a log scale
+    with the kept dimension in the legend; bottom row (when ``pca`` is given): the eigenvalues of the
+    activation covariance G. Λ carries the output metric's units (it is invariant under a → R a), the PCA
+    variances the activation's units squared, so the two rows share the x axis only. Non-positive values
+    (rounding) are not drawn on the log scale.
+    """
+    if not bases and not pca:
+        raise BadInputError("plot_spectra needs at least one basis")
+    groups = _by_kind(list(bases) or list(pca or {}))
+    rows = (1 if bases else 0) + (1 if pca else 0)
+    fig = Figure(figsize=(5.2 * len(groups), 3.6 * rows), dpi=_DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, len(groups), squeeze=False))
+    for col, (kind, sites) in enumerate(groups.items()):
+        colors = _layer_colors(sites)
+        row = 0
+        for source, title, ylabel in ((bases, "interaction Λ (eigenvalues of G·M)", "Λ_i"),
+                                      (pca, "PCA variances (eigenvalues of G)", "variance")):
+            if not source:
+                continue
+            ax = axes[row, col]
+            for site in sites:
+                if site not in source:
+                    continue
+                basis = source[site]
+                x, y = _positive(basis.all_lambdas)
+                ax.plot(x, y, color=colors[site], lw=1.3, label=f"{_site_label(site)} (dim {basis.dim})")
+            ax.set_yscale("log")
+            ax.set_title(f"{kind}: {title}", fontsize=10)
+            ax.set_xlabel("index i (descending)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+            row += 1
+    return fig
+
+
+def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, InteractionBasis] | None = None,
+              *, rtol: float = 1e-3) -> Figure:
+    """Kept dimension per layer: interaction basis against PCA, one panel per site kind.
+
+    Solid bars: the dimension at the tolerance the bases were built with (the summary table's ``IB dim``
+    and ``PCA dim``); light bars: the number of eigenvalues above ``rtol`` × the largest (Λ for the
+    interaction basis, variances for PCA), a coarser cut that shows how fast each spectrum falls. Black
+    ticks mark the rank of G and the dashed line the site's width d.
+    """
+    if not bases:
+        raise BadInputError("plot_dims needs interaction bases")
+    groups = _by_kind(list(bases))
+    fig = Figure(figsize=(5.4 * len(groups), 4.2), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (kind, sites) in zip(axes, groups.items(), strict=True):
+        x = np.arange(len(sites))
+        ib = [bases[s] for s in sites]
+        pb = [pca[s] for s in sites] if pca is not None and all(s in pca for s in sites) else None
+        bars = [("interaction", "C0", 1.0, [b.dim for b in ib]),
+                (f"interaction, Λ > {rtol:g}·Λ_max", "C0", 0.35, [_count_above(b.all_lambdas, rtol) for b in ib])]
+        if pb is not None:
+            bars += [("PCA", "C1", 1.0, [b.dim for b in pb]),
+                     (f"PCA, variance > {rtol:g}·max", "C1", 0.35, [_count_above(b.all_lambdas, rtol) for b in pb])]
+        width = 0.8 / len(bars)
+        for i, (label, color, alpha, values) in enumerate(bars):
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=color, alpha=alpha, label=label)
+        ax.plot(x, [b.rank_G for b in ib], "k_", ms=22, mew=2, label="rank G")
+        ax.axhline(ib[0].input_dim, color="0.4", ls="--", lw=1, label="width d")
+        ax.set_xticks(x, [_site_label(s).removeprefix("layer ") for s in sites])
+        ax.set_title(f"{kind}: kept dimension per layer (table: rtol={ib[0].rtol:g})", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("dimension")
+        ax.set_ylim(0, ib[0].input_dim * 1.12)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
+    return fig
+
+
+def _count_above(values: torch.Tensor, rtol: float) -> int:
+    top = float(values.max()) if values.numel() else 0.0
+    return int((values > rtol * top).sum()) if top > 0 else 0
+
+
+def plot_dim_curves(bases: Mapping[str, InteractionBasis], *, eps_hat: float | None = None) -> Figure:
+    """Interaction-basis dimension against the noise scale ε (``InteractionBasis.dim_curve``), per layer.
+
+    A direction counts at scale ε when its Λ exceeds ε (the paper's finite-data picture, §2.2.2 and §6).
+    ``eps_hat`` (the loss scale ε̂ of a whole-model LLC estimate) is marked when given, as a reference for
+    the scale that the sampler probed.
+    """
+    if not bases:
+        raise BadInputError("plot_dim_curves needs interaction bases")
+    groups = _by_kind(list(bases))
+    fig = Figure(figsize=(5.2 * len(groups), 3.8), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, (kind, sites) in zip(axes, groups.items(), strict=True):
+        colors = _layer_colors(sites)
+        for site in sites:
+            eps, dims = bases[site].dim_curve(n_points=128)
+            if eps.numel():
+                ax.step(eps.numpy(), dims.numpy(), where="post", color=colors[site], label=_site_label(site))
+        if eps_hat is not None and math.isfinite(eps_hat) and eps_hat > 0:
+            ax.axvline(eps_hat, color="k", ls=":", lw=1, label=f"ε̂ of whole-model LLC ({eps_hat:.2g})")
+        ax.set_xscale("log")
+        ax.set_title(f"{kind}: interaction-basis dimension against ε", fontsize=10)
+        ax.set_xlabel("noise scale ε (threshold on Λ)")
+        ax.set_ylabel("#{Λ_i > ε}")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return -(-n // cols), cols
+
+
+def plot_head_sync(head_syncs: Mapping[int, Any], *, measure: str = "distance", tau: float | None = None) -> Figure:
+    """Heat maps of the distance between every pair of heads, one per layer (paper §3.2, SPEC §4).
+
+    ``head_syncs``: layer -> :class:`~tl_degeneracy.sync.HeadSync` (what :func:`tl_degeneracy.head_sync`
+    returns), drawn with its ``measure`` matrix (``"distance"``, ``"normalized_distance"``, ...); or
+    layer -> a plain [H, H] matrix. With ``tau`` each title gives the number of synchronised blocks
+    (``HeadSync.blocks(tau, measure=measure)``). Cells carry their values when there are at most 8 heads.
+    """
+    if not head_syncs:
+        raise BadInputError("plot_head_sync needs at least one layer")
+    layers = sorted(head_syncs)
+    matrices = {x: torch.as_tensor(getattr(head_syncs[x], measure, head_syncs[x])).double() for x in layers}
+    n_rows, n_cols = _grid(len(layers))
+    fig = Figure(figsize=(3.4 * n_cols + 0.8, 3.1 * n_rows), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    finite = [float(m[torch.isfinite(m)].max()) for m in matrices.values() if bool(torch.isfinite(m).any())]
+    vmax = max(finite, default=1.0) or 1.0
+    image = None
+    for ax, layer in zip(axes, layers, strict=False):
+        d = matrices[layer].numpy()
+        image = ax.imshow(d, cmap="magma_r", vmin=0.0, vmax=vmax)
+        n = d.shape[0]
+        if n <= 8:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, f"{d[i, j]:.2g}", ha="center", va="center", fontsize=7,
+                            color="white" if d[i, j] > 0.6 * vmax else "black")
+        title = f"layer {layer}"
+        if tau is not None and hasattr(head_syncs[layer], "blocks"):
+            n_blocks = len(head_syncs[layer].blocks(tau, measure=measure))
+            title += f": {n_blocks} block{'s' if n_blocks != 1 else ''} of {n} heads at τ={tau:g}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("head h'")
+        ax.set_ylabel("head h")
+        ticks = list(range(0, n, max(1, n // 8)))
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes[: len(layers)]), shrink=0.85, label=measure.replace("_", " "))
+    fig.suptitle("attention-head synchronisation: distance between the heads' attention patterns", fontsize=10)
+    return fig
+
+
+def plot_sync_sweeps(sync: Mapping[str, Any]) -> Figure:
+    """Number of synchronised blocks against τ for heads and neurons, per layer (from ``sync/summary.json``).
+
+    The vertical line marks the τ used in the summary table.
+    """
+    layers = sync.get("layers", {})
+    if not layers:
+        raise BadInputError("plot_sync_sweeps needs synchronisation results")
+    kinds = [k for k in ("heads", "neurons") if any(k in v for v in layers.values())]
+    fig = Figure(figsize=(5.0 * len(kinds), 3.6), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    names = sorted(layers, key=int)
+    import matplotlib
+
+    cmap, norm = matplotlib.colormaps["viridis"], Normalize(vmin=0, vmax=max(int(names[-1]), 1))
+    for ax, kind in zip(axes, kinds, strict=True):
+        tau = sync.get(f"tau_{kind}")
+        sweeps = {x: layers[x][kind]["sweep"] for x in names if layers[x].get(kind)}
+        right = 1.5 * max([max(sw["taus"], default=0.0) for sw in sweeps.values()] + [tau or 0.0])
+        for layer, sw in sweeps.items():
+            taus, n_blocks = np.asarray(sw["taus"], float), np.asarray(sw["n_blocks"], float)
+            keep = taus > 0
+            # the last threshold of a sweep joins every unit; carry its count to the right edge
+            x, y = np.append(taus[keep], right), np.append(n_blocks[keep], n_blocks[-1])
+            ax.step(x, y, where="post", color=cmap(norm(int(layer))), label=f"layer {layer}")
+        if tau:
+            ax.axvline(tau, color="k", ls=":", lw=1, label=f"τ = {tau:g} (table)")
+        ax.set_xscale("log")
+        ax.set_title(f"{kind}: synchronised blocks against τ", fontsize=10)
+        ax.set_xlabel(f"threshold τ on the {sync.get('measure', 'distance').replace('_', ' ')}")
+        ax.set_ylabel("number of blocks")
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_llc_traces(results: Mapping[str, Any]) -> Figure:
+    """SGLD traces nβ·(L(w_t) − L(w*)) of every chain, one panel per parameter selection.
+
+    The running value is what λ̂ averages after burn-in (grey band): a trace that rises and then stays flat
+    is healthy; one still climbing at the end needs more steps, one that spikes needs a smaller step size.
+    """
+    if not results:
+        raise BadInputError("plot_llc_traces needs at least one LLC result")
+    names = list(results)
+    n_rows, n_cols = _grid(len(names), 3)
+    fig = Figure(figsize=(4.4 * n_cols, 3.0 * n_rows), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        res = results[name]
+        trace = res.nbeta * (res.loss_trace.double().numpy() - res.loss_at_optimum)
+        steps = np.arange(trace.shape[1])
+        for c in range(trace.shape[0]):
+            ax.plot(steps, trace[c], lw=0.8, alpha=0.8, label=f"chain {c}")
+        ax.axvspan(0, res.n_burnin, color="0.85", zorder=0, label="burn-in")
+        ax.axhline(res.llc_mean, color="k", ls="--", lw=1, label="λ̂")
+        ax.set_title(f"{name}: λ̂ = {res.llc_mean:.3g} ± {res.llc_std:.2g}, ε̂ = {res.eps_hat:.2g}", fontsize=9)
+        ax.set_xlabel("SGLD step")
+        ax.set_ylabel("nβ·(L − L(w*))")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6, loc="lower right")
+    return fig
+
+
+def plot_llc_scale(results: Any) -> Figure:
+    """λ̂(ε) and N_eff(ε) = 2λ̂(ε) (paper eq. 9) from LLC estimates at several nβ (an ``LLCScaleSweep``).
+
+    Each point is one nβ; its loss scale is ε̂ = λ̂/nβ, so larger nβ probes smaller ε. Error bars are the
+    standard deviation across chains. The dashed line in the right panel is the number of sampled
+    parameters, the value N_eff would take if no direction were degenerate at that scale.
+    """
+    results = list(getattr(results, "results", results))  # an LLCScaleSweep or a sequence of LLCResult
+    if not results:
+        raise BadInputError("plot_llc_scale needs LLC results at one or more nβ")
+    res = sorted(results, key=lambda r: r.nbeta)
+    eps = np.array([r.eps_hat for r in res])
+    lam = np.array([r.llc_mean for r in res])
+    std = np.nan_to_num(np.array([r.llc_std for r in res]))
+    fig = Figure(figsize=(10, 3.8), dpi=_DPI, layout="constrained")
+    ax_l, ax_n = fig.subplots(1, 2)
+    ax_l.errorbar(eps, lam, yerr=std, marker="o", capsize=3)
+    for r, x, y in zip(res, eps, lam, strict=True):
+        label = f"{r.nbeta:,.0f}" if r.nbeta >= 100 else f"{r.nbeta:.3g}"
+        ax_l.annotate(f"nβ={label}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax_l.set_title("behavioral LLC against the loss scale", fontsize=10)
+    ax_l.set_ylabel("λ̂_B(ε)")
+    ax_n.errorbar(eps, 2 * lam, yerr=2 * std, marker="o", color="C2", capsize=3, label="N_eff = 2λ̂")
+    n_params = res[0].diagnostics.get("n_sampled_entries")
+    if n_params:
+        ax_n.axhline(n_params, color="0.4", ls="--", lw=1, label=f"sampled parameters ({n_params:,})")
+        ax_n.set_yscale("log")
+    ax_n.set_title("effective parameter count (eq. 9)", fontsize=10)
+    ax_n.set_ylabel("N_eff(ε)")
+    ax_n.legend(fontsize=7)
+    for ax in (ax_l, ax_n):
+        if np.all(eps > 0):
+            ax.set_xscale("log")
+        ax.set_xlabel("loss scale ε̂ = λ̂/nβ")
+        ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole report
+# ---------------------------------------------------------------------------------------------------------
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def write_report(folder: str | os.PathLike) -> Path:
+    """Redraw ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``index.md`` from the saved results.
+
+    Needs no model: only the files the stages wrote. Parts whose stage has not run are left out and named in
+    ``index.md``. Returns the path of ``index.md``.
+    """
+    res = load_results(folder)
+    if res.empty:
+        raise BadInputError(
+            f"'{res.folder}' holds no tl-degeneracy results; run `tl-degeneracy run --out {res.folder}` first"
+        )
+    root, plots = res.folder, res.folder / "plots"
+    for old in plots.glob("*.png"):
+        old.unlink()
+    rows = summary_rows(res)
+    write_summary(rows, root)
+    whole = res.llc.get("all")
+    eps_hat = whole.eps_hat if whole is not None else None
+
+    sections: list[str] = []
+    if res.bases:
+        _save(plot_spectra(res.bases, res.pca or None), plots / "spectra.png")
+        _save(plot_dims(res.bases, res.pca or None), plots / "dims.png")
+        _save(plot_dim_curves(res.bases, eps_hat=eps_hat), plots / "dim_vs_eps.png")
+        ib = next(iter(res.bases.values()))
+        sections.append(
+            "## Interaction basis (paper §6)\n\n"
+            "![Λ spectra](plots/spectra.png)\n\n"
+            "Top: the eigenvalues Λ of G·M at each site (G the activation covariance, M the Gram matrix of "
+            "the output Jacobian under the "
+            f"{_jacobian_metric(res)} metric). Λ_i is the variance of interaction-basis coordinate i, "
+            "measured in units of the output change it causes, so it does not depend on how the layer is "
+            "parameterised (§6.2). Bottom: the PCA variances (eigenvalues of G) of the same sites, which do. "
+            "A spectrum that falls by many decades means few directions matter to the output.\n\n"
+            "![dimension per layer](plots/dims.png)\n\n"
+            f"Kept dimension per layer. Solid bars use the tolerance of the table (rtol = {ib.rtol:g} of the "
+            "largest eigenvalue, above the float64 noise floor); light bars count eigenvalues above 10⁻³ of "
+            "the largest; black ticks mark the rank of G. Where the interaction basis keeps fewer directions "
+            "than PCA, the activations vary along directions the output ignores.\n\n"
+            "![dimension against epsilon](plots/dim_vs_eps.png)\n\n"
+            "Interaction-basis dimension against the noise scale ε: the number of directions whose Λ exceeds "
+            "ε. In the paper's finite-data picture (§2.2.2) a direction below ε is degenerate at that scale, "
+            "so this curve is the layer's dimension as a function of how much behaviour one is willing to "
+            "ignore." + (" The dotted line is ε̂ of the whole-model LLC estimate." if eps_hat else "") + "\n"
+        )
+    if res.sync:
+        if res.head_sync:
+            _save(plot_head_sync(res.head_sync, measure=res.sync.get("measure", "distance"),
+                                 tau=res.sync.get("tau_heads")), plots / "head_sync.png")
+        _save(plot_sync_sweeps(res.sync), plots / "sync_sweep.png")
+        sections.append(
+            "## Synchronisation (paper §3.2)\n\n"
+            + ("![head synchronisation](plots/head_sync.png)\n\n" if res.head_sync else "")
+            + f"Heat maps of the {res.sync.get('measure', 'distance').replace('_', ' ')} between the attention "
+            "patterns of every pair of heads in a layer (mean over counted query tokens of ‖A_h[q] − A_h'[q]‖²"
+            + (", divided by the heads' mean squared pattern norms" if "normalized" in res.sync.get("measure", "")
+               else "")
+            + "). Heads at distance ≈ 0 attend alike; a block of such heads frees r_S² − Σ r_h² extra "
+            "parameters (value vectors can be mixed across the block).\n\n"
+            "![synchronisation sweep](plots/sync_sweep.png)\n\n"
+            "Number of synchronised blocks (single linkage on distance ≤ τ) against τ, for heads and MLP "
+            f"neurons. The table uses τ = {res.sync.get('tau_heads'):g} for heads and "
+            f"τ = {res.sync.get('tau_neurons'):g} for neurons; fewer blocks than units means fewer distinct "
+            "nonlinear operations, hence more degeneracy.\n"
+        )
+    if res.llc:
+        _save(plot_llc_traces(res.llc), plots / "llc_traces.png")
+        sections.append(
+            "## Behavioral local learning coefficient (paper §2)\n\n"
+            "![LLC traces](plots/llc_traces.png)\n\n"
+            "SGLD traces of nβ·(L_B(w_t) − L_B(w*)) for the whole model (`all`) and for each layer's "
+            "parameters (`blocks.l`), where L_B is the KL divergence from the original model's predictions. "
+            "λ̂ is the post-burn-in mean; traces should rise and level off. A smaller λ̂ means a more "
+            "degenerate (simpler) solution at the loss scale ε̂ = λ̂/nβ. "
+            + _llc_settings_sentence(res.llc) + "\n"
+        )
+    if res.llc_scale:
+        _save(plot_llc_scale(res.llc_scale), plots / "llc_scale.png")
+        sections.append(
+            "![lambda and N_eff against epsilon](plots/llc_scale.png)\n\n"
+            "The same estimate at several inverse temperatures nβ, plotted against the loss scale ε̂ each one "
+            "probes: λ_B(ε) and the effective parameter count N_eff(ε) = 2λ_B(ε) (eq. 9). N_eff far below the "
+            "number of sampled parameters says most parameter directions do not change the behaviour at that "
+            "scale; N_eff grows as ε shrinks and finer behaviour counts.\n"
+        )
+
+    missing = [name for name, have in (("interaction basis", res.bases), ("synchronisation", res.sync),
+                                       ("LLC", res.llc)) if not have]
+    header = _header(res)
+    body = "\n".join(sections)
+    note = (f"\nNot in this folder (stage not run or not available): {', '.join(missing)}.\n" if missing else "")
+    sync_note = ""
+    if res.sync:
+        sync_note = (f" Head and neuron blocks are counted at τ = {res.sync.get('tau_heads'):g} and "
+                     f"τ = {res.sync.get('tau_neurons'):g} on the {res.sync.get('measure', '').replace('_', ' ')}; "
+                     "extra dof is the freedom synchronisation adds (Σ_S r_S² − Σ_u r_u²).")
+    index = (f"# tl-degeneracy report\n\n{header}\n## Summary per layer\n\n"
+             "One row per site: width d, rank of the activation covariance G, kept dimension of the interaction "
+             "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. The synchronisation and "
+             "LLC columns belong to the site's layer and repeat; the LLC is that of the layer's parameters "
+             f"(`blocks.l`) with its loss scale ε̂.{sync_note} Also in [summary.csv](summary.csv).\n\n"
+             f"{summary_markdown(rows)}\n{body}{note}")
+    path = root / "index.md"
+    path.write_text(index)
+    return path
+
+
+def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
+    """What the sampler ran with, and how healthy it looked (MALA acceptance), in one sentence."""
+    first = next(iter(results.values()))
+    st = first.settings
+    accept = [a for r in results.values() for a in r.diagnostics.get("mala_acceptance", [])
+              if isinstance(a, float) and math.isfinite(a)]
+    text = (f"Settings: nβ = {first.nbeta:g}, step size {st.get('step_size', float('nan')):g}, localization "
+            f"γ = {st.get('localization', float('nan')):g}, {st.get('n_chains')} chains × {st.get('n_steps')} "
+            f"steps ({first.n_burnin} burn-in).")
+    if accept:
+        text += (f" MALA acceptance {min(accept):.2f}–{max(accept):.2f} (≈0.9 or above is healthy; lower "
+                 "means the step size is too large for an accurate λ̂).")
+    return text + " Short runs like the default give a quick look; raise `--llc-steps` for numbers to report."
+
+
+def _jacobian_metric(res: RunResults) -> str:
+    metric = ((res.stats_meta or {}).get("jacobian") or {}).get("metric")
+    return {"kl": "KL (softmax Fisher)", "mse": "squared-error (identity)"}.get(metric, str(metric))
+
+
+def _header(res: RunResults) -> str:
+    meta = res.stats_meta or {}
+    model = meta.get("model", {})
+    data = meta.get("data", {})
+    stats_settings = res.stages.get("stats", {}).get("settings", {})
+    lines = []
+    if stats_settings.get("model"):
+        lines.append(f"- model: `{stats_settings['model']}`")
+    if model:
+        lines.append(f"- architecture: {model.get('n_layers')} layers, d_model {model.get('d_model')}, "
+                     f"d_mlp {model.get('d_mlp')}, {model.get('n_heads')} heads "
+                     f"(TransformerLens {model.get('transformer_lens_version')})")
+    if meta:
+        jac = meta.get("jacobian") or {}
+        source = stats_settings.get("data") or data.get("path") or data.get("source")
+        lines.append(f"- statistics: {meta.get('n_tokens')} counted tokens"
+                     + (f" from `{source}`" if source else "")
+                     + (f"; Jacobian metric {jac.get('metric')}, {jac.get('n_probes')} probes per token"
+                        if jac.get("metric") else ""))
+    if (res.run or {}).get("command"):
+        lines.append(f"- last command: `{res.run['command']}` (see [run.json](run.json))")
+    if res.stages:
+        order = ("stats", "basis", "sync", "llc")
+        names = sorted(res.stages, key=lambda n: order.index(n) if n in order else len(order))
+        timing = ", ".join(f"{n} {res.stages[n].get('seconds', 0):.1f} s" for n in names)
+        lines.append(f"- stage times: {timing}")
+    return "\n".join(lines) + "\n" if lines else ""
