@@ -6,6 +6,7 @@ See ``SPEC.md`` conventions: statistics are collected by :func:`collect`, analys
 
 __version__ = "0.1.0"
 
+from tl_degeneracy import report
 from tl_degeneracy.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
 from tl_degeneracy.behavioral import estimate_llc, llc_scale_sweep
 from tl_degeneracy.collect import collect
