@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, metavar="B",
                    help=f"sequences per batch (default {d.batch_size})")
     g.add_argument("--device", default=d.device, help="'auto' (GPU when visible, default), 'cpu', 'cuda', ...")
-    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="seed of probes and SGLD noise (default 0)")
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="S",
+                   help="seed of probes and SGLD noise (default 0)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy shared machine")
 
@@ -163,17 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("accurate", "fast"), default=d.precision,
                    help="'accurate' (float32, TF32 off; default) or 'fast' (bfloat16 autocast and products, "
                         "float64 totals)")
-    g.add_argument("--rtol", type=_float(0.0, strict=False), default=d.rtol,
+    g.add_argument("--rtol", type=_float(0.0, strict=False), default=d.rtol, metavar="R",
                    help=f"relative tolerance of the bases (default {d.rtol:g})")
-    g.add_argument("--atol", type=_float(0.0, strict=False), default=d.atol,
+    g.add_argument("--atol", type=_float(0.0, strict=False), default=d.atol, metavar="EPS",
                    help="absolute tolerance ε on Λ of the interaction basis (default 0)")
     g.add_argument("--sync", action=argparse.BooleanOptionalAction, default=d.sync,
                    help="collect and analyse head and neuron synchronisation (default on)")
     g.add_argument("--sync-measure", choices=("distance", "normalized_distance"), default=d.sync_measure,
                    help=f"distance the thresholds apply to (default {d.sync_measure})")
-    g.add_argument("--tau-heads", type=_float(0.0, strict=False), default=d.tau_heads,
+    g.add_argument("--tau-heads", type=_float(0.0, strict=False), default=d.tau_heads, metavar="TAU",
                    help=f"threshold τ for synchronised head blocks in the table (default {d.tau_heads:g})")
-    g.add_argument("--tau-neurons", type=_float(0.0, strict=False), default=d.tau_neurons,
+    g.add_argument("--tau-neurons", type=_float(0.0, strict=False), default=d.tau_neurons, metavar="TAU",
                    help=f"threshold τ for synchronised neuron blocks in the table (default {d.tau_neurons:g})")
 
     g = run.add_argument_group("behavioral LLC")
@@ -182,19 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llc-params", type=_param_list, default=d.llc_params, metavar="SELECTIONS",
                    help="comma-separated parameter selections, {l} expands to every layer "
                         f"(default {','.join(d.llc_params)})")
-    g.add_argument("--llc-nbeta", type=_float(0.0, strict=True), default=d.llc_nbeta,
+    g.add_argument("--llc-nbeta", type=_float(0.0, strict=True), default=d.llc_nbeta, metavar="NBETA",
                    help=f"inverse temperature nβ (default {d.llc_nbeta:g})")
     g.add_argument("--llc-nbetas", type=_float_list, default=d.llc_nbetas, metavar="LIST",
                    help="nβ values of the whole-model sweep for λ(ε), N_eff(ε) (default: nβ/3, nβ, 3·nβ); "
                         "the step size is scaled by nβ/nβ_i")
-    g.add_argument("--llc-step-size", type=_float(0.0, strict=True), default=d.llc_step_size,
+    g.add_argument("--llc-step-size", type=_float(0.0, strict=True), default=d.llc_step_size, metavar="STEP",
                    help=f"SGLD step size at nβ (default {d.llc_step_size:g})")
     g.add_argument("--llc-localization", type=_float(0.0, strict=False), default=d.llc_localization,
+                   metavar="GAMMA",
                    help=f"localization γ (default {d.llc_localization:g})")
-    g.add_argument("--llc-chains", type=_positive_int, default=d.llc_chains, help=f"chains (default {d.llc_chains})")
-    g.add_argument("--llc-steps", type=_positive_int, default=d.llc_steps,
+    g.add_argument("--llc-chains", type=_positive_int, default=d.llc_chains, metavar="N",
+                   help=f"SGLD chains (default {d.llc_chains})")
+    g.add_argument("--llc-steps", type=_positive_int, default=d.llc_steps, metavar="N",
                    help=f"SGLD steps per chain, burn-in included (default {d.llc_steps})")
-    g.add_argument("--llc-burnin", type=_nonneg_int, default=d.llc_burnin,
+    g.add_argument("--llc-burnin", type=_nonneg_int, default=d.llc_burnin, metavar="N",
                    help=f"burn-in steps (default {d.llc_burnin})")
     g.add_argument("--llc-n-tokens", type=_positive_int, default=d.llc_n_tokens, metavar="N",
                    help=f"counted tokens the sampler cycles through (default {d.llc_n_tokens})")
@@ -267,6 +272,10 @@ def _previous_runs(out: Path) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------------------
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     config = _config_from(args)
     if args.llc_burnin >= args.llc_steps:
@@ -297,6 +306,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         record["machine"]["torch_threads"] = args.threads
+    # a SIGTERM (a job scheduler's stop) ends the run like Ctrl-C: run.json records it, checkpoints stay valid
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
     try:
         status = run_stages(config, out, stages, force=args.force, progress=not args.no_progress,
                             explicit=explicit)
@@ -309,6 +321,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         raise
     finally:
         torch.set_num_threads(threads)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, sigterm)
         record.update(stages=status, wall_seconds=time.perf_counter() - t0,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), previous_runs=previous)
         write_json(out / "run.json", record)
