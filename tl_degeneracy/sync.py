@@ -36,9 +36,13 @@ under ``collect(precision="fast")``: the distances come from differences of near
 inputs would leave a noise floor of ~1e-2 of E[f²] on them (and hide rank drops below 1e-2).
 
 Memory: per layer the neuron sums are two d_mlp² matrices; for GPT-2 small (d_mlp = 3072, 12 layers) the
-float64 totals take 2 · 3072² · 8 B · 12 = 1.81 GB (1.69 GiB), and one batch's float32 increments another 0.91 GB while
-the batch runs (``sync_layers=`` collects fewer layers at a time). The head sums are small (the value Gram
-is (H·d_head)² = 768² per layer: 57 MB for all 12 layers).
+float64 totals take 2 · 3072² · 8 B · 12 = 1.69 GiB, and one batch's float32 increments another 0.84 GiB
+while the batch runs (``sync_layers=`` collects fewer layers at a time). The head sums are small (the value
+Gram is (H·d_head)² = 768² per layer: 54 MiB for all 12 layers).
+
+Cost per counted token and layer: neurons, three d_mlp² products (two for ReLU), 6·d_mlp² FLOPs — about 2.7 ×
+a whole GPT-2-small forward for all 12 layers; heads, 2·H²·T·d_head FLOPs for the value-weighted distance
+(a sixth of a GPT-2-small layer's forward at T = 128). Measured figures: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -151,15 +155,15 @@ def head_sync_increments(
     # Z[b, g, q, h] = A_g[q] V_h: head g's pattern applied to head h's values, one batched product
     z = torch.matmul(a.reshape(b, n_heads * t_q, t_k), vals.reshape(b, t_k, n_heads * d_head))
     z = z.view(b, n_heads, t_q, n_heads, d_head)
-    own = z.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)  # [B, q, h, d] = A_h V_h, the head's own output
-    err = (z - own.unsqueeze(1)).square_().sum(dim=(0, 2, 4))  # [g, h]
+    own = z.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # [B, h, q, d] = A_h V_h, own output
+    err = (z - own.permute(0, 2, 1, 3).unsqueeze(1)).square_().sum(dim=(0, 2, 4))  # [g, h]
     attended = a.amax(dim=(1, 2)) > 0  # [B, Tk]: keys some counted query attends to
     keys = vals[attended].reshape(-1, n_heads * d_head)
     return {
         "n": mask.sum().to(torch.int64),
         "pattern_gram": pattern_gram,
         "value_err": err.T.double(),
-        "value_sq": own.square().sum(dim=(0, 1, 3)).double(),
+        "value_sq": own.square().sum(dim=(0, 2, 3)).double(),
         "value_outer": gram_increment(keys),
         "n_keys": torch.tensor(keys.shape[0], dtype=torch.int64, device=a.device),
     }
@@ -301,7 +305,8 @@ class SyncDof:
 
 @dataclass(frozen=True)
 class SyncSweep:
-    """Number of blocks and degrees of freedom against the threshold τ (for plotting)."""
+    """Number of blocks, largest block and degrees of freedom against the threshold τ (for plotting);
+    the dof entries and ``generic`` are -1 when the sweep ran with ``dof=False``."""
 
     measure: str
     taus: Float[torch.Tensor, " k"]
