@@ -23,3 +23,4 @@ from tl_degeneracy.llc import LLCResult, sgld_llc
 from tl_degeneracy.model import ModelAdapter, load_model
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
+from tl_degeneracy.sync import HeadSync, NeuronSync, head_sync, neuron_sync
