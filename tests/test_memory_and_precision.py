@@ -28,8 +28,9 @@ def test_sync_accumulator_estimates_cover_the_sums_collect_keeps():
     from tl_degeneracy.memory import F32, F64, head_sync_bytes, neuron_sync_bytes
 
     model = make_tiny_model()
-    stats = tld.collect(model, tld.token_batches(model, random_tokens(2, 8), batch_size=2), sites=["resid_pre"],
+    stats = tld.collect(model, tld.token_batches(model, random_tokens(2, 8), batch_size=2), sites=[],
                         head_sync=True, neuron_sync=True, progress=False)
+    assert stats.sites == [] and not any(k.startswith("act/") for k in stats.tensors)
     for layer in range(2):
         held_h = sum(t.nbytes for k, t in stats.tensors.items() if k.startswith(f"hsync/{layer}/"))
         held_n = sum(t.nbytes for k, t in stats.tensors.items() if k.startswith(f"nsync/{layer}/"))

@@ -237,7 +237,7 @@ def collect(
     model: Any,
     data: TokenBatches,
     *,
-    sites: Sequence[str] | str,
+    sites: Sequence[str] | str = (),
     jacobian: str | None = None,
     estimator: str = "probe",
     n_probes: int = 1,
@@ -277,7 +277,9 @@ def collect(
     if not isinstance(data, TokenBatches):
         raise BadInputError("data must come from tld.token_batches(model, source, ...)")
     data.validate_for(adapter)
-    site_list = resolve_sites(adapter, [sites] if isinstance(sites, str) else list(sites))
+    site_list = [sites] if isinstance(sites, str) else list(sites)
+    if site_list or not (head_sync or neuron_sync):  # synchronisation alone needs no vector site
+        site_list = resolve_sites(adapter, site_list)
     if jacobian not in (None, "kl", "mse"):
         raise BadInputError(f"jacobian must be None, 'kl' or 'mse', got {jacobian!r}")
     if estimator not in ("probe", "exact"):
