@@ -278,3 +278,29 @@ def test_hf_gpt2_head_masks_and_tied_embeddings(tiny_gpt2_path):
     res = estimate_llc(gpt2, data, params="unembed", n_steps=10, n_burnin=4, **SGLD)
     _assert_untouched(gpt2, snap)
     assert res.diagnostics["vectorized"] and math.isfinite(res.llc_mean)
+
+
+def test_all_parameters_of_a_bridge_exclude_the_fused_copies_the_forward_never_reads(tiny_gpt2_path):
+    """HF GPT-2 through a 4.x bridge holds the fused c_attn beside the split q/k/v views the forward reads:
+    "all" must count the model's real parameters once, and every selected entry must move the logits."""
+    from transformers import GPT2LMHeadModel
+
+    from tl_degeneracy.model import FunctionalModel, parameter_masks
+
+    model = tld.load_model(tiny_gpt2_path)
+    hf = GPT2LMHeadModel.from_pretrained(tiny_gpt2_path)
+    real = sum(p.numel() for p in hf.parameters())
+    masks = parameter_masks(model, "all")
+    assert sum(int(m.sum()) for m in masks.values()) == real
+    fm = FunctionalModel(model)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = fm({}, tokens)
+        for name, mask in masks.items():
+            if ".attn.k." in name and name.endswith("bias"):
+                continue  # b_K adds q·b_K to every key's score alike: softmax removes it (a true degeneracy)
+            p = fm.parameters[name]
+            # a random perturbation (a constant shift of an embedding would be removed by LayerNorm)
+            moved = fm({name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * mask},
+                       tokens)
+            assert (moved - base).abs().max() > 1e-6, name

@@ -464,7 +464,7 @@ def parameter_masks(model: Any, selection: str | Sequence[str]) -> dict[str, tor
     selections = [selection] if isinstance(selection, str) else list(selection)
     if not selections:
         raise BadInputError("the parameter selection is empty")
-    if "all" in selections:
+    if "all" in selections and not adapter.is_bridge:
         return {name: torch.ones_like(p, dtype=torch.bool) for name, p in fm.parameters.items()}
 
     flags = [(p, p.requires_grad) for p in fm.parameters.values()]
@@ -475,7 +475,10 @@ def parameter_masks(model: Any, selection: str | Sequence[str]) -> dict[str, tor
             tl = _tl_parameters(adapter.model)
             pieces: list[torch.Tensor] = []
             for sel in selections:
-                pieces.extend(_selected_pieces(adapter, tl, sel))
+                # "all" on a 4.x bridge: every TransformerLens parameter, which leaves out parameters the
+                # forward never reads (HF GPT-2's fused c_attn sits beside the split q/k/v views it feeds)
+                pieces.extend([t for t in tl.values() if t.requires_grad] if sel == "all"
+                              else _selected_pieces(adapter, tl, sel))
             gen = torch.Generator().manual_seed(0)
             total = sum(
                 (t * (0.5 + torch.rand(t.shape, generator=gen)).to(t.device, t.dtype)).sum() for t in pieces
