@@ -214,10 +214,14 @@ class JacobianMoments(Component):
             if n == 0:  # a batch of padding only: nothing to add
                 return
             work = torch.promote_types(logits.dtype, torch.float32)
-            p = torch.softmax(logits.detach()[ctx.mask].to(work), dim=-1)  # [n, V]
+            # p_s at the counted positions (kl only: F = I needs no probabilities)
+            p = torch.softmax(logits.detach()[ctx.mask].to(work), dim=-1) if self.metric == "kl" else None
             out = self._output_map(ctx, state, logits, work)
             positions = ctx.mask.nonzero()  # [n, 2] (sequence, position), in the order of x[mask]
-            draws = self._probes(ctx, out, p) if self.estimator == "probe" else self._exact_columns(out, p, positions)
+            if self.estimator == "probe":
+                draws = self._probes(ctx, out, p, n, work)
+            else:
+                draws = self._exact_columns(out, p, positions, work)
             for weight, rows, v in draws:
                 cotangent = out.z.new_zeros(out.z.shape)
                 cotangent[positions[rows, 0], positions[rows, 1]] = v.to(out.z.dtype)
@@ -268,32 +272,34 @@ class JacobianMoments(Component):
         return _OutputMap(logits, None, logits.shape[-1])
 
     def _probes(
-        self, ctx: BatchContext, out: _OutputMap, p: Float[torch.Tensor, "n vocab"]
+        self, ctx: BatchContext, out: _OutputMap, p: Float[torch.Tensor, "n vocab"] | None, n: int,
+        work: torch.dtype,
     ) -> Iterator[tuple[float, slice, torch.Tensor]]:
         """K probes (weight 1/K each) as cotangents at ``out.z`` of every counted output position."""
         K, rows = self.n_probes, slice(None)
-        if self.metric == "kl":
+        if p is not None:  # kl
             pA = out.apply(p)  # W_U p per token, shared by the K probes
             y = torch.multinomial(p, K, replacement=True, generator=ctx.generator)  # [n, K], y ~ Categorical(p)
             for k in range(K):
-                yield 1.0 / K, rows, out.rows(y[:, k], p.dtype) - pA  # (e_y − p) A
-        else:
+                yield 1.0 / K, rows, out.rows(y[:, k], work) - pA  # (e_y − p) A
+        else:  # mse: Rademacher u (E[u uᵀ] = I), drawn in place in the working dtype, then u A
             for _ in range(K):
-                r = torch.randint(0, 2, p.shape, generator=ctx.generator, device=p.device).to(p.dtype)
-                yield 1.0 / K, rows, out.apply(r.mul_(2).sub_(1))  # Rademacher u, then u A
+                u = torch.empty(n, out.d_vocab, dtype=work, device=out.z.device)
+                yield 1.0 / K, rows, out.apply(u.bernoulli_(0.5, generator=ctx.generator).mul_(2).sub_(1))
 
     def _exact_columns(
-        self, out: _OutputMap, p: Float[torch.Tensor, "n vocab"], positions: Int[torch.Tensor, "n 2"]
+        self, out: _OutputMap, p: Float[torch.Tensor, "n vocab"] | None, positions: Int[torch.Tensor, "n 2"],
+        work: torch.dtype,
     ) -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
         """For every output position s and column c of L_s: the cotangent L_s[:, c] A at position s of every
-        sequence (weight 1). kl: L_s[:, c] = √p_c (e_c − p); mse: e_c."""
-        pA = out.apply(p) if self.metric == "kl" else None
-        vocab = torch.arange(p.shape[-1], device=p.device)
+        sequence (weight 1). kl: L_s[:, c] = √p_c (e_c − p); mse (``p is None``): e_c."""
+        pA = None if p is None else out.apply(p)
+        vocab = torch.arange(out.d_vocab, device=positions.device)
         for s in positions[:, 1].unique().tolist():
             rows = (positions[:, 1] == s).nonzero().squeeze(1)
-            for c in range(p.shape[-1]):
-                e_c = out.rows(vocab[c:c + 1], p.dtype)  # [1, D]
-                if pA is None:
+            for c in range(out.d_vocab):
+                e_c = out.rows(vocab[c:c + 1], work)  # [1, D]
+                if p is None:
                     yield 1.0, rows, e_c.expand(rows.numel(), -1)
                 else:
                     yield 1.0, rows, p[rows, c:c + 1].sqrt() * (e_c - pA[rows])
