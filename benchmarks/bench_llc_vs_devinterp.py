@@ -82,7 +82,7 @@ class _DeepcopyableBridge(torch.nn.Module):
         return _DeepcopyableBridge(copy.deepcopy(self.inner, memo))
 
 
-def run_devinterp(model, tokens, teacher, args):
+def run_devinterp(model, tokens, teacher, args, seed):
     from datasets import Dataset
     from devinterp.slt.llc import llc
 
@@ -111,7 +111,7 @@ def run_devinterp(model, tokens, teacher, args):
             batch_size=args.batch_size,
             shuffle=False,
             num_init_loss_batches=1,
-            init_seed=args.seed,
+            init_seed=seed,
             loss_fn=kl_per_token,
             output_path=f"{tmp}/samples.zarr",
         )
@@ -123,7 +123,7 @@ def run_devinterp(model, tokens, teacher, args):
     return wall, per_chain, reported
 
 
-def run_ours(model, data, args):
+def run_ours(model, data, args, seed):
     t0 = time.perf_counter()
     res = tld.estimate_llc(
         model,
@@ -134,7 +134,7 @@ def run_ours(model, data, args):
         n_chains=args.chains,
         n_steps=args.steps,
         n_burnin=args.burnin,
-        seed=args.seed,
+        seed=seed,
         progress=False,
         mala_every=args.mala_every,
     )
@@ -168,12 +168,12 @@ def main() -> None:
 
     walls = {"devinterp": [], "ours": []}
     ours_chains, dev_chains, reported = [], [], []
-    for _ in range(args.repeats):
-        w, per_chain, rep = run_devinterp(model, tokens, teacher, args)
+    for r in range(args.repeats):  # a new seed per repeat: repeats x chains independent chains per side
+        w, per_chain, rep = run_devinterp(model, tokens, teacher, args, args.seed + r)
         walls["devinterp"].append(w)
         dev_chains.append(per_chain)
         reported.append(rep)
-        w, per_chain, res = run_ours(model, data, args)
+        w, per_chain, res = run_ours(model, data, args, args.seed + r)
         walls["ours"].append(w)
         ours_chains.append(per_chain)
 
@@ -194,7 +194,10 @@ def main() -> None:
         f"γ={args.localization:g}, {args.chains} chains × {args.steps} steps ({args.burnin} burn-in), "
         f"{args.repeats} repeats"
     )
-    print(f"{'':12s} {'median wall s':>14s} {'all runs s':>24s} {'λ̂ (post-burn-in)':>20s} {'chain std':>10s}")
+    print(
+        f"{'':12s} {'median wall s':>14s} {'all runs s':>24s} {'λ̂ (post-burn-in)':>20s} {'chain std':>10s}"
+        f"  (λ̂ and std over all {args.repeats * args.chains} chains)"
+    )
     print(
         f"{'devinterp':12s} {t_dev:14.2f} {str([round(x, 1) for x in walls['devinterp']]):>24s} "
         f"{d_mean:20.2f} {d_std:10.2f}"

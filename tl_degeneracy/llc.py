@@ -380,8 +380,9 @@ def sgld_llc(
             bias of a stable step (1/(1 − εa/4) on curvature a), with fluctuations O(sqrt(d)); twenty
             times the largest possible mean means the chain has left the posterior.
         vectorize: ``True`` runs all chains at once with ``torch.func.vmap``; ``False`` runs them one
-            after another each step (memory of one chain); ``"auto"`` tries vmap when n_chains > 1 and
-            falls back to one-by-one if ``loss_fn`` cannot be vmapped (reason in ``diagnostics``).
+            after another each step (activation memory of one chain); ``"auto"`` tries vmap when
+            n_chains > 1 and falls back to one-by-one if the vmapped call fails — a ``loss_fn`` that
+            cannot be vmapped, or out of memory on a GPU (the reason goes to ``diagnostics``).
         mala_every: every this many post-burn-in steps, evaluate the loss and gradient at the proposal on
             the same batch for the MALA acceptance diagnostic (one extra gradient evaluation per chain,
             i.e. 1/mala_every extra cost); 0 switches the diagnostic off.
