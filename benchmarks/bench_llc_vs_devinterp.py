@@ -189,7 +189,8 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(
-        f"setting: tiny TransformerBridge (2 layers, d_model 32, 25.4k parameters), {args.rows}×{model.cfg.n_ctx} "
+        f"setting: tiny TransformerBridge (2 layers, d_model 32, {res.diagnostics['n_sampled_entries']} parameters "
+        f"sampled), {args.rows}×{model.cfg.n_ctx} "
         f"tokens in batches of {args.batch_size}, KL loss, SGLD nβ={args.nbeta:g} ε={args.step_size:g} "
         f"γ={args.localization:g}, {args.chains} chains × {args.steps} steps ({args.burnin} burn-in), "
         f"{args.repeats} repeats"

@@ -278,6 +278,10 @@ def test_hf_gpt2_head_masks_and_tied_embeddings(tiny_gpt2_path):
     res = estimate_llc(gpt2, data, params="unembed", n_steps=10, n_burnin=4, **SGLD)
     _assert_untouched(gpt2, snap)
     assert res.diagnostics["vectorized"] and math.isfinite(res.llc_mean)
+    # "all" samples the parameters the forward reads, each once (not the fused c_attn beside q/k/v).
+    res = estimate_llc(gpt2, data, params="all", n_steps=4, n_burnin=2, **SGLD)
+    assert res.diagnostics["n_sampled_entries"] == sum(int(m.sum()) for m in parameter_masks(gpt2, "all").values())
+    assert res.diagnostics["n_sampled_entries"] < res.diagnostics["n_parameters"]
 
 
 def test_all_parameters_of_a_bridge_exclude_the_fused_copies_the_forward_never_reads(tiny_gpt2_path):
@@ -301,6 +305,7 @@ def test_all_parameters_of_a_bridge_exclude_the_fused_copies_the_forward_never_r
                 continue  # b_K adds q·b_K to every key's score alike: softmax removes it (a true degeneracy)
             p = fm.parameters[name]
             # a random perturbation (a constant shift of an embedding would be removed by LayerNorm)
-            moved = fm({name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * mask},
-                       tokens)
+            moved = fm(
+                {name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * mask}, tokens
+            )
             assert (moved - base).abs().max() > 1e-6, name

@@ -215,9 +215,7 @@ def estimate_llc(
                     "tl_degeneracy.model.FunctionalModel(model).parameters or a selection string"
                 )
             masks: dict[str, Tensor] | None = dict(params)
-        elif params == "all" or (not isinstance(params, str) and "all" in params):
-            masks = None
-        else:
+        else:  # "all" too: on a 4.x bridge that leaves out parameters the forward never reads (fused c_attn)
             masks = parameter_masks(net, params)
         w_star = {name: p.detach() for name, p in fm.parameters.items()}
         batches = _TeacherBatches(adapter, data, loss, cache_teacher)
