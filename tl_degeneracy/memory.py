@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,10 +138,17 @@ def working_set_bytes(model: Any, *, batch_size: int, seq_len: int, first_layer:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory of ``device`` (CUDA: ``mem_get_info``; CPU: available physical memory)."""
+    """Free memory of ``device`` (CUDA: ``mem_get_info``; CPU: the kernel's MemAvailable, which counts
+    reclaimable page cache, falling back to free physical pages)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
