@@ -57,6 +57,16 @@ def save_tiny_gpt2(folder, *, vocab_size: int = 300, n_layer: int = 2, seed: int
     return str(path)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The test models are tiny: per-op thread hand-offs cost more than the arithmetic, and on a shared
+    2-core machine two spinning threads per op slow runs by 10-20x. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()

@@ -18,17 +18,6 @@ import torch
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
 from tl_degeneracy.llc import LLCResult, plateau_check, sgld_llc, split_r_hat
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These losses are tiny: per-op thread hand-offs cost more than the arithmetic, and on a shared
-    # 2-core machine two spinning threads per op slow a run by 10-20x. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------------
 # Quadratic loss: exact finite-step answer
 # --------------------------------------------------------------------------------------------------

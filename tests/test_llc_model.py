@@ -21,13 +21,6 @@ from tl_degeneracy.model import FunctionalModel, _tl_parameters, parameter_masks
 SGLD = dict(nbeta=1000.0, step_size=1e-4, localization=100.0, n_chains=3, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: per-op thread hand-offs cost more than the arithmetic on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
