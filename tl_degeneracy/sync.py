@@ -106,7 +106,11 @@ def _check_layers(adapter: ModelAdapter, layers: Sequence[int]) -> list[int]:
 
 def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.Tensor], None],
                 ctx: BatchContext) -> list[Hook]:
-    """Hooks on two names that call ``compute(act_first, act_second)`` once both fired (in either order)."""
+    """Hooks on two names that call ``compute(act_first, act_second)`` once both fired (in either order).
+
+    ``compute`` runs with autocast off: the sync sums stay float32 under ``precision="fast"``, where the
+    cancellations in the distances would leave a bfloat16 noise floor of about 1e-2.
+    """
     held: dict[str, torch.Tensor] = {}
 
     def make(name: str) -> Callable[..., None]:
@@ -114,7 +118,8 @@ def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.
             held[name] = act.detach()
             ctx.fired.add(name)
             if len(held) == 2:
-                compute(held.pop(first), held.pop(second))
+                with torch.autocast(act.device.type, enabled=False):
+                    compute(held.pop(first), held.pop(second))
 
         return hook
 
