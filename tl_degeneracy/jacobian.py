@@ -222,13 +222,17 @@ class JacobianMoments(Component):
                 draws = self._probes(ctx, out, p, n, work)
             else:
                 draws = self._exact_columns(out, p, positions, work)
+            outer: dict[str, torch.Tensor] = {}  # Σ over draws of weight · Σ_t g_t g_tᵀ, accumulated in place
             for weight, rows, v in draws:
                 cotangent = out.z.new_zeros(out.z.shape)
                 cotangent[positions[rows, 0], positions[rows, 1]] = v.to(out.z.dtype)
                 for site, g in self._backward(state, out.z, cotangent).items():
                     g = flatten_site(g, site)[ctx.mask]
                     check_finite(g, f"the output-Jacobian gradient at site '{site}'", ctx)
-                    ctx.add(f"jac/{site}/outer", ctx.gram(g) * weight)
+                    inc = ctx.gram(g).mul_(weight)
+                    outer[site] = outer[site].add_(inc) if site in outer else inc
+            for site, total in outer.items():
+                ctx.add(f"jac/{site}/outer", total)
         finally:
             self._state = None
 
