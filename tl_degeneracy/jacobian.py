@@ -34,10 +34,12 @@ d×V product per token (W_U p), shared by the K probes, then a column gather per
 [tokens, V] probe and a d×V product through the unembedding per probe. Otherwise (a soft-capped or rescaled
 unembedding) the pass starts at the logits with u itself.
 
-Gradients are read from backward hooks, which fire on every backward pass (TransformerLens's hooks give
-∂/∂(hooked activation), the only way for ``attn.hook_z``); the input of the model is cut at a forward hook that
+Gradients are read from backward hooks, which fire on every backward pass and give ∂/∂(hooked activation) also
+where a forward hook's tensor is not the one the forward uses (``attn.hook_z``; ECOSYSTEM.md gotcha 3). A site
+may need several hooks (``ModelAdapter.gradient_hooks``: on 4.x ``hook_resid_mid`` is the input of ln2 only, and
+the residual skip adds the gradient at ``hook_resid_post``). The input of the model is cut at a forward hook that
 returns ``act.detach().requires_grad_(True)`` at the residual stream before the earliest site, so frozen
-parameters never receive gradients, and that hook's own gradient is the return value of ``torch.autograd.grad``.
+parameters never receive gradients; that hook's own gradient is the return value of ``torch.autograd.grad``.
 
 Example::
 
