@@ -99,6 +99,22 @@ def test_merge_of_two_runs_equals_one_run_and_save_load_round_trips(tmp_path):
         assert torch.equal(loaded.tensors[key], value)
 
 
+def test_merge_adds_jacobian_runs_with_other_seeds_but_not_other_metrics():
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(2, 8), batch_size=2)
+    run = lambda **kw: tld.collect(model, data, sites=["blocks.1.hook_resid_pre"], progress=False, **kw)
+    a, b = run(jacobian="kl", seed=1), run(jacobian="kl", seed=2, n_probes=3)
+    merged = a.merge(b)
+    site = "blocks.1.hook_resid_pre"
+    total = a.tensors[f"jac/{site}/outer"] + b.tensors[f"jac/{site}/outer"]
+    torch.testing.assert_close(merged.tensors[f"jac/{site}/outer"], total, rtol=0, atol=0)
+    assert [m["jacobian"]["seed"] for m in merged.meta["merged_from"]] == [1, 2]
+    with pytest.raises(tld.IncompatibleStatsError, match="jacobian_metric"):
+        a.merge(run(jacobian="mse"))
+    with pytest.raises(tld.IncompatibleStatsError):
+        a.merge(run())
+
+
 def test_merge_refuses_other_sites_or_models():
     model = make_tiny_model()
     data = tld.token_batches(model, random_tokens(2, 8), batch_size=2)

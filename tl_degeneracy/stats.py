@@ -33,7 +33,7 @@ from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 
 _META_KEY = "tl_degeneracy"
 # metadata entries that must agree for totals to be added (merge) or continued (resume)
-_IDENTITY_KEYS = ("model", "sites", "jacobian", "head_sync", "neuron_sync", "format")
+_IDENTITY_KEYS = ("model", "sites", "jacobian_metric", "head_sync", "neuron_sync", "precision", "format")
 FORMAT_VERSION = 1
 
 
@@ -105,18 +105,27 @@ class Stats:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         return self
 
+    def _identity(self, key: str) -> Any:
+        if key == "jacobian_metric":  # seeds, K and estimator may differ: each run's M is unbiased per token
+            return (self.meta.get("jacobian") or {}).get("metric")
+        return self.meta.get(key)
+
     def _check_compatible(self, other: Stats, action: str) -> None:
         for key in _IDENTITY_KEYS:
-            if self.meta.get(key) != other.meta.get(key):
+            if self._identity(key) != other._identity(key):
                 raise IncompatibleStatsError(
                     f"cannot {action} statistics with a different '{key}': "
-                    f"{json.dumps(self.meta.get(key))[:300]} vs {json.dumps(other.meta.get(key))[:300]}"
+                    f"{json.dumps(self._identity(key))[:300]} vs {json.dumps(other._identity(key))[:300]}"
                 )
         if set(self.tensors) != set(other.tensors):
             raise IncompatibleStatsError(f"cannot {action}: the two hold different statistics")
 
     def merge(self, other: Stats) -> Stats:
-        """A new Stats with the totals of both (same model, sites and settings, else IncompatibleStatsError)."""
+        """A new Stats with the totals of both (same model, sites and settings, else IncompatibleStatsError).
+
+        Jacobian statistics merge when their metric agrees: runs with other seeds, probe counts or estimators
+        each give an unbiased M per token, so their totals add (``meta["merged_from"]`` keeps both settings).
+        """
         self._check_compatible(other, "merge")
         out = Stats({k: v.clone() for k, v in self.tensors.items()}, copy.deepcopy(self.meta))
         out.add_(other.tensors)
@@ -160,7 +169,7 @@ class Stats:
 
 
 def _data_summary(stats: Stats) -> dict[str, Any]:
-    return {"n_tokens": stats.n_tokens, "data": stats.meta.get("data")}
+    return {"n_tokens": stats.n_tokens, "data": stats.meta.get("data"), "jacobian": stats.meta.get("jacobian")}
 
 
 def _atomic_write(path: Path, write) -> None:
