@@ -78,6 +78,19 @@ def test_bos_and_padding_positions_are_excluded_exactly():
 
 
 @pytest.mark.tl3
+def test_left_padding_is_refused_because_the_model_would_attend_to_it():
+    model = make_tiny_model()
+    tokens = random_tokens(2, 8)
+    left = torch.ones_like(tokens, dtype=torch.bool)
+    left[0, :3] = False
+    with pytest.raises(tld.BadInputError, match="left padding"):
+        tld.token_batches(model, tokens, attention_mask=left)
+    right = torch.ones_like(tokens, dtype=torch.bool)
+    right[0, 5:] = False
+    assert tld.token_batches(model, tokens, attention_mask=right).n_counted == 4 + 7
+
+
+@pytest.mark.tl3
 def test_merge_of_two_runs_equals_one_run_and_save_load_round_trips(tmp_path):
     model = make_tiny_model()
     a, b = random_tokens(4, 12, seed=1), random_tokens(6, 12, seed=2)

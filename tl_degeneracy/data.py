@@ -123,7 +123,9 @@ def token_batches(
 ) -> TokenBatches:
     """Token batches from a LongTensor, a list of strings, a ``datasets.Dataset`` or a token file.
 
-    - ``LongTensor [B, T]``: rows as given (``seq_len`` is ignored); ``attention_mask`` [B, T] marks padding.
+    - ``LongTensor [B, T]``: rows as given (``seq_len`` is ignored); ``attention_mask`` [B, T] marks padding,
+      which must sit at the end of a row (right padding: the model runs without an attention mask, and causal
+      attention keeps trailing padding away from every counted token; left padding is refused).
       A 1-D LongTensor is a token stream, chunked like a token file.
     - ``list[str]`` / ``datasets.Dataset`` (``text_column``, default the only string column or ``"text"``):
       each text is tokenised, followed by the tokenizer's end-of-text token, concatenated, and cut into rows of
@@ -158,6 +160,12 @@ def token_batches(
                         f"attention_mask {tuple(attention_mask.shape)} must match tokens {tuple(tokens.shape)}"
                     )
                 pad = ~attention_mask.bool().cpu()
+                if bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+                    raise BadInputError(
+                        "attention_mask has padding before real tokens (left padding); the model is run "
+                        "without an attention mask, so pad on the right only (tokenizer.padding_side='right'): "
+                        "with causal attention, right padding never reaches a counted token"
+                    )
             desc = {"source": "tensor"}
         elif source.ndim == 1:
             tokens, pad = _chunk(source.long().cpu(), seq_len, bos, pad_id)
