@@ -20,7 +20,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class BatchContext:
     generator: torch.Generator
     adapter: ModelAdapter
     precision: str = "accurate"
-    fired: set[str] = field(default_factory=set)
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.increments[key] = self.increments[key] + value if key in self.increments else value
@@ -104,28 +103,23 @@ def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
         )
 
 
-def product_increment(
-    a: Float[torch.Tensor, "n d"], b: Float[torch.Tensor, "n e"], *, fast: bool = False
-) -> Float[torch.Tensor, "d e"]:
-    """aᵀb of one batch's rows with float32 output; callers add it to float64 totals.
+def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
+    """xᵀx of one batch's rows with float32 output; callers add it to float64 totals.
 
     Accurate: float32 inputs and products (TF32 is off during :func:`collect`). Fast: bfloat16 inputs with
     float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere the same
     numbers by rounding the inputs to bfloat16 and multiplying in float32). Autocast is off inside, so the
     output is never rounded to bfloat16.
     """
-    with torch.autocast(a.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         if not fast:
-            return a.float().T @ b.float()
-        ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        if ab.is_cuda:
-            return torch.mm(ab.T, bb, out_dtype=torch.float32)
-        return ab.float().T @ bb.float()
-
-
-def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
-    """xᵀx of one batch's rows (see :func:`product_increment`)."""
-    return product_increment(x, x, fast=fast)
+            x = x.float()
+            return x.T @ x
+        xb = x.to(torch.bfloat16)
+        if xb.is_cuda:
+            return torch.mm(xb.T, xb, out_dtype=torch.float32)
+        xf = xb.float()
+        return xf.T @ xf
 
 
 class ActivationMoments(Component):
@@ -146,7 +140,6 @@ class ActivationMoments(Component):
                 ctx.add(f"act/{site}/n", torch.tensor(x.shape[0], dtype=torch.int64))
                 ctx.add(f"act/{site}/sum", x.double().sum(0))
                 ctx.add(f"act/{site}/outer", ctx.gram(x))
-                ctx.fired.add(site)
 
             return hook
 
@@ -328,9 +321,9 @@ def collect(
     parts = []
     for i, group in enumerate(plan.passes):
         g_sites = [u.site for u in group if u.site is not None]
-        g_comps = _components(adapter, g_sites, head_layers=[u.head_layer for u in group if u.head_layer is not None],
-                              neuron_layers=[u.neuron_layer for u in group if u.neuron_layer is not None],
-                              **settings)
+        g_comps = comps if plan.n_passes == 1 else _components(
+            adapter, g_sites, head_layers=[u.head_layer for u in group if u.head_layer is not None],
+            neuron_layers=[u.neuron_layer for u in group if u.neuron_layer is not None], **settings)
         g_meta = meta if plan.n_passes == 1 else {**meta, "sites": g_sites, "pass": [i, plan.n_passes],
                                                   "components": {type(c).__name__: c.meta() for c in g_comps}}
         g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)

@@ -31,7 +31,7 @@ import torch
 
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.model import as_adapter
-from tl_degeneracy.sites import site_dim
+from tl_degeneracy.sites import site_dim, site_layer
 
 F64, F32 = 8, 4
 # Activations the autograd graph keeps per token and per layer, in units of d_model, d_mlp and
@@ -122,8 +122,8 @@ def neuron_sync_bytes(d_mlp: int) -> int:
     return F64 * (2 * d_mlp * d_mlp + d_mlp + 1) + F32 * 2 * d_mlp * d_mlp + F64 * d_mlp
 
 
-def working_set_bytes(model: Any, *, batch_size: int, seq_len: int, first_layer: int, last_layer: int,
-                      jacobian: bool, precision: str = "accurate") -> int:
+def working_set_bytes(model: Any, *, batch_size: int, seq_len: int, first_layer: int, jacobian: bool,
+                      precision: str = "accurate") -> int:
     """Bytes one batch keeps alive: per-layer graph activations (Jacobian) or one layer (forward only), logits."""
     a = as_adapter(model)
     n = batch_size * seq_len
@@ -182,13 +182,13 @@ def plan_memory(
         raise BadInputError("neuron synchronisation needs an MLP, but this model has none (cfg.d_mlp is None)")
     units += [Unit(f"neuron_sync/{lay}", neuron_sync_bytes(a.d_mlp or 0), neuron_layer=lay)
               for lay in neuron_sync_layers]
-    layers = [x for x in (*_layers_of(sites, a.n_layers), *head_sync_layers, *neuron_sync_layers)]
-    first, last = (min(layers), max(layers)) if layers else (0, a.n_layers - 1)
+    site_layers = [a.n_layers - 1 if site_layer(s) is None else site_layer(s) for s in sites]
+    first = min([*site_layers, *head_sync_layers, *neuron_sync_layers], default=0)
     total = sum(u.bytes for u in units)
 
     def working(bs: int) -> int:
-        return working_set_bytes(a, batch_size=bs, seq_len=seq_len, first_layer=first, last_layer=last,
-                                 jacobian=jacobian, precision=precision)
+        return working_set_bytes(a, batch_size=bs, seq_len=seq_len, first_layer=first, jacobian=jacobian,
+                                 precision=precision)
 
     if budget_bytes is None:
         return MemoryPlan([units], batch_size, batch_size, working(batch_size), total, None)
@@ -219,13 +219,3 @@ def plan_memory(
     if len(passes) > 1:
         notes.append(f"accumulators ({total / 1024**3:.2f} GiB) split over {len(passes)} passes over the data")
     return MemoryPlan(passes or [[]], bs, batch_size, working(bs), total, int(budget_bytes), notes)
-
-
-def _layers_of(sites: Sequence[str], n_layers: int) -> list[int]:
-    from tl_degeneracy.sites import site_layer
-
-    out = []
-    for s in sites:
-        layer = site_layer(s)
-        out.append(n_layers - 1 if layer is None else layer)
-    return out

@@ -9,7 +9,7 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from tl_degeneracy.errors import BadInputError
@@ -89,8 +89,3 @@ def resolve_sites(model: Any, kinds: str | Iterable[str], layers: Iterable[int] 
         names.extend(n for n in new if n not in names)
     adapter.check_hooks(names)
     return names
-
-
-def check_sites(model: Any, sites: Sequence[str]) -> list[str]:
-    """Validate explicit hook names (deduplicated, order kept); accepts site kinds too."""
-    return resolve_sites(model, list(sites))

@@ -104,8 +104,7 @@ def _check_layers(adapter: ModelAdapter, layers: Sequence[int]) -> list[int]:
     return out
 
 
-def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.Tensor], None],
-                ctx: BatchContext) -> list[Hook]:
+def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.Tensor], None]) -> list[Hook]:
     """Hooks on two names that call ``compute(act_first, act_second)`` once both fired (in either order).
 
     ``compute`` runs with autocast off: the sync sums stay float32 under ``precision="fast"``, where the
@@ -116,7 +115,6 @@ def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.
     def make(name: str) -> Callable[..., None]:
         def hook(act: torch.Tensor, hook: Any) -> None:
             held[name] = act.detach()
-            ctx.fired.add(name)
             if len(held) == 2:
                 with torch.autocast(act.device.type, enabled=False):
                     compute(held.pop(first), held.pop(second))
@@ -239,7 +237,7 @@ class HeadSyncSums(Component):
                 for key, value in head_sync_increments(pattern, v, ctx.mask).items():
                     ctx.add(f"hsync/{layer}/{key}", value)
 
-            hooks += _pair_hooks(f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v", compute, ctx)
+            hooks += _pair_hooks(f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v", compute)
         return hooks
 
     def meta(self) -> dict[str, Any]:
@@ -274,7 +272,7 @@ class NeuronSyncSums(Component):
                 for key, value in incs.items():
                     ctx.add(f"nsync/{layer}/{key}", value)
 
-            hooks += _pair_hooks(f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", compute, ctx)
+            hooks += _pair_hooks(f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", compute)
         return hooks
 
     def meta(self) -> dict[str, Any]:
