@@ -43,9 +43,9 @@ import torch
 from common import device_name, record
 
 import tl_degeneracy as tld
-from tl_degeneracy.collect import accurate_matmuls, run_batch
-from tl_degeneracy.jacobian import JacobianMoments
-from tl_degeneracy.model import ModelAdapter, transformer_lens_version
+from tl_degeneracy.adapter import ModelAdapter, transformer_lens_version
+from tl_degeneracy.collection.engine import accurate_matmuls, run_batch
+from tl_degeneracy.collection.jacobian import JacobianMoments
 
 HERE = Path(__file__).resolve().parent
 #: every timed ``collect`` runs as one pass: no memory plan (a plan could split the sites over passes)

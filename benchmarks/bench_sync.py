@@ -20,7 +20,7 @@ import time
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.sync import head_sync, neuron_sync
+from tl_degeneracy.analysis.sync import head_sync, neuron_sync
 
 
 def gpt2_small_native(device: str):

@@ -21,8 +21,8 @@ import torch
 from common import cost_model, device_name, gpt2_shaped_model, record
 
 import tl_degeneracy as tld
-from tl_degeneracy.memory import plan_memory
-from tl_degeneracy.model import ModelShape
+from tl_degeneracy.adapter import ModelShape
+from tl_degeneracy.collection.memory import plan_memory
 from tl_degeneracy.sites import site_dim
 
 HERE = Path(__file__).resolve().parent

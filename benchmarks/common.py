@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.model import ModelShape
+from tl_degeneracy.adapter import ModelShape
 
 
 def device_name(device: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
+from tl_degeneracy.analysis.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
 from tl_degeneracy.errors import BadInputError, NonFiniteError
 
 F64 = torch.float64

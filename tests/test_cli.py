@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy import pipeline
-from tl_degeneracy.cli import main
-from tl_degeneracy.pipeline import Stage, parse_layers
+from tl_degeneracy.run import pipeline
+from tl_degeneracy.run.cli import main
+from tl_degeneracy.run.pipeline import Stage, parse_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("resid_pre", "mlp_post")
@@ -271,7 +271,7 @@ def test_stats_alone_then_full_run_reuses_the_statistics(tiny_args, tmp_path, mo
 
 
 def test_interrupted_statistics_resume_from_the_checkpoint(tiny_args, full_run, tmp_path, monkeypatch, capsys):
-    collect_module = importlib.import_module("tl_degeneracy.collect")  # the package attribute is the function
+    collect_module = importlib.import_module("tl_degeneracy.collection.engine")
     out = tmp_path / "interrupted"
     real, calls = collect_module.run_batch, []
 

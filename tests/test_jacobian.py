@@ -14,7 +14,7 @@ import torch
 from conftest import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
-from tl_degeneracy.model import ModelAdapter
+from tl_degeneracy.adapter import ModelAdapter
 
 # resid, MLP, attention z (reached only through backward hooks on 4.x) and the final LayerNorm
 ORACLE_SITES = ["blocks.1.hook_resid_pre", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_z", "ln_final.hook_normalized"]

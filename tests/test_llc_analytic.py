@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
-from tl_degeneracy.llc import LLCResult, plateau_check, sgld_llc, split_r_hat
+from tl_degeneracy.llc.sgld import LLCResult, plateau_check, sgld_llc, split_r_hat
 
 # --------------------------------------------------------------------------------------------------
 # Quadratic loss: exact finite-step answer

@@ -13,9 +13,10 @@ import torch
 from conftest import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
-from tl_degeneracy.behavioral import LLCScaleSweep, behavioral_loss, estimate_llc, llc_scale_sweep
+from tl_degeneracy.adapter import FunctionalModel, parameter_masks, parameter_selections
+from tl_degeneracy.adapter.params import _tl_parameters
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
-from tl_degeneracy.model import FunctionalModel, _tl_parameters, parameter_masks, parameter_selections
+from tl_degeneracy.llc.behavioral import LLCScaleSweep, behavioral_loss, estimate_llc, llc_scale_sweep
 
 # nβ = 1000, γ = 100, ε = 1e-4 on these models: MALA acceptance 0.75–0.95, ε̂ ≈ 0.02–0.2.
 SGLD = dict(nbeta=1000.0, step_size=1e-4, localization=100.0, n_chains=3, progress=False)
@@ -66,8 +67,8 @@ def test_kl_loss_is_zero_at_the_original_weights_and_positive_elsewhere(model, d
 
 
 def _teacher(model, data, loss):
-    from tl_degeneracy.behavioral import _TeacherBatches
-    from tl_degeneracy.model import ModelAdapter
+    from tl_degeneracy.adapter import ModelAdapter
+    from tl_degeneracy.llc.behavioral import _TeacherBatches
 
     return _TeacherBatches(ModelAdapter(model), data, loss, cache=True)
 
@@ -282,7 +283,7 @@ def test_all_parameters_of_a_bridge_exclude_the_fused_copies_the_forward_never_r
     "all" must count the model's real parameters once, and every selected entry must move the logits."""
     from transformers import GPT2LMHeadModel
 
-    from tl_degeneracy.model import FunctionalModel, parameter_masks
+    from tl_degeneracy.adapter import FunctionalModel, parameter_masks
 
     model = tld.load_model(tiny_gpt2_path)
     hf = GPT2LMHeadModel.from_pretrained(tiny_gpt2_path)

@@ -7,8 +7,8 @@ import torch
 from conftest import make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
-from tl_degeneracy.memory import BUDGET_FRACTION, plan_memory, site_totals_bytes, working_set_bytes
-from tl_degeneracy.model import ModelShape
+from tl_degeneracy.adapter import ModelShape
+from tl_degeneracy.collection.memory import BUDGET_FRACTION, plan_memory, site_totals_bytes, working_set_bytes
 from tl_degeneracy.sites import site_dim
 
 SITES = ["resid_pre", "mlp_post"]
@@ -25,7 +25,7 @@ def test_accumulator_estimate_equals_the_totals_collect_keeps():
 
 
 def test_sync_accumulator_estimates_cover_the_sums_collect_keeps():
-    from tl_degeneracy.memory import F32, F64, head_sync_bytes, neuron_sync_bytes
+    from tl_degeneracy.collection.memory import F32, F64, head_sync_bytes, neuron_sync_bytes
 
     model = make_tiny_model()
     stats = tld.collect(model, tld.token_batches(model, random_tokens(2, 8), batch_size=2), sites=[],

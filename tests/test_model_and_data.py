@@ -8,7 +8,7 @@ from conftest import TL_MAJOR, make_tiny_model, random_tokens
 from safetensors.torch import save_file
 
 import tl_degeneracy as tld
-from tl_degeneracy.model import ModelAdapter
+from tl_degeneracy.adapter import ModelAdapter
 
 
 @pytest.mark.tl3

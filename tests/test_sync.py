@@ -14,8 +14,9 @@ import torch
 from conftest import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
+from tl_degeneracy.analysis.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync
+from tl_degeneracy.collection.kernels import neuron_sync_increments
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync, neuron_sync_increments
 
 SITE = "blocks.0.hook_resid_pre"  # collect needs a site; the sync sums are what these tests read
 

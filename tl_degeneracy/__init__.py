@@ -1,16 +1,43 @@
 """tl_degeneracy: degeneracy in the loss landscape for mechanistic interpretability on TransformerLens models.
 
-See ``SPEC.md`` conventions: statistics are collected by :func:`collect`, analysed by
-:func:`interaction_basis`, :func:`head_sync`, :func:`neuron_sync`, and :func:`estimate_llc`.
+The public face. Data flows one way (see ``docs/ARCHITECTURE.md``): token data (:func:`token_batches`) →
+collection (:func:`collect`) → statistics (:class:`Stats`) → analyses (:func:`interaction_basis`,
+:func:`head_sync`, :func:`neuron_sync`; :func:`estimate_llc` runs the model) → reports
+(``tl_degeneracy.report``, loaded on first use so that ``import tl_degeneracy`` does not import matplotlib).
+
+Example::
+
+    import tl_degeneracy as tld
+    model = tld.load_model(tld.bundled_model_path())
+    data = tld.token_batches(model, "stdlib-heldout", seq_len=128, batch_size=16, n_tokens=8192)
+    stats = tld.collect(model, data, sites="resid_pre,mlp_post", jacobian="kl")
+    basis = tld.interaction_basis(stats.gram("blocks.1.hook_resid_pre"),
+                                  stats.jacobian_gram("blocks.1.hook_resid_pre"))
 """
 
-__version__ = "0.1.0"
+from typing import Any
 
-from tl_degeneracy import report
-from tl_degeneracy.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
-from tl_degeneracy.behavioral import LLCScaleSweep, estimate_llc, llc_scale_sweep
-from tl_degeneracy.collect import collect
-from tl_degeneracy.data import TokenBatch, TokenBatches, bundled_data_path, bundled_model_path, token_batches
+from tl_degeneracy._version import __version__
+from tl_degeneracy.adapter import ModelAdapter, ModelShape, load_model, parameter_masks, parameter_selections
+from tl_degeneracy.analysis import (
+    HeadSync,
+    InteractionBasis,
+    NeuronSync,
+    head_sync,
+    interaction_bases,
+    interaction_basis,
+    neuron_sync,
+    pca_basis,
+)
+from tl_degeneracy.collection import MemoryPlan, collect, plan_memory
+from tl_degeneracy.data import (
+    TokenBatch,
+    TokenBatches,
+    bundled_data_path,
+    bundled_model_path,
+    load_data,
+    token_batches,
+)
 from tl_degeneracy.errors import (
     BadInputError,
     IncompatibleStatsError,
@@ -19,9 +46,56 @@ from tl_degeneracy.errors import (
     TLDegeneracyError,
     UnknownHookError,
 )
-from tl_degeneracy.llc import LLCResult, sgld_llc
-from tl_degeneracy.memory import MemoryPlan, plan_memory
-from tl_degeneracy.model import ModelAdapter, ModelShape, load_model, parameter_masks, parameter_selections
+from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
-from tl_degeneracy.sync import HeadSync, NeuronSync, head_sync, neuron_sync
+
+__all__ = [
+    "SITE_KINDS",
+    "BadInputError",
+    "HeadSync",
+    "IncompatibleStatsError",
+    "InteractionBasis",
+    "LLCResult",
+    "LLCScaleSweep",
+    "MemoryPlan",
+    "ModelAdapter",
+    "ModelShape",
+    "NeuronSync",
+    "NonFiniteError",
+    "SamplerDivergedError",
+    "Stats",
+    "TLDegeneracyError",
+    "TokenBatch",
+    "TokenBatches",
+    "UnknownHookError",
+    "__version__",
+    "bundled_data_path",
+    "bundled_model_path",
+    "collect",
+    "estimate_llc",
+    "head_sync",
+    "interaction_bases",
+    "interaction_basis",
+    "llc_scale_sweep",
+    "load_data",
+    "load_model",
+    "neuron_sync",
+    "parameter_masks",
+    "parameter_selections",
+    "pca_basis",
+    "plan_memory",
+    "report",
+    "resolve_sites",
+    "sgld_llc",
+    "token_batches",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``tl_degeneracy.report`` (tables and plots, imports matplotlib) is loaded on first use."""
+    if name == "report":
+        from tl_degeneracy.run import report
+
+        return report
+    raise AttributeError(f"module 'tl_degeneracy' has no attribute {name!r}")

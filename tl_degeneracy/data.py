@@ -23,8 +23,8 @@ import torch
 from jaxtyping import Bool, Int
 from safetensors.torch import load_file
 
+from tl_degeneracy.adapter import as_adapter, load_tokenizer
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.model import as_adapter
 
 #: folder of the data shipped with the project (the bundled model and token files); the repository's
 #: ``data/`` (a source checkout or an editable install), or ``$TL_DEGENERACY_DATA`` when set
@@ -283,3 +283,88 @@ def _validate(tokens: torch.Tensor, mask: torch.Tensor, d_vocab: int, n_ctx: int
             f"token id {bad} is outside the model's vocabulary [0, {d_vocab}); "
             "the data was tokenised for another model"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources named on the command line: bundled token files, text files and folders
+# ---------------------------------------------------------------------------------------------------------
+#: suffixes of the files a ``--data`` folder contributes
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".html", ".tex")
+
+
+def load_data(model: Any, source: str | None, *, seq_len: int, batch_size: int,
+              n_tokens: int | None) -> TokenBatches:
+    """Token batches for a run from ``--data``: a bundled token-file name or path, a text file, or a folder.
+
+    - ``None``: the bundled held-out file (``bundled_data_path()``).
+    - a ``.safetensors`` token file (1-D ``"tokens"``) or the name of one in ``data/``. The bundled files hold
+      ids of the bundled model's tokenizer; for a model with another tokenizer (e.g. ``gpt2``) they are
+      decoded to text with the bundled tokenizer and tokenised again with the model's.
+    - a text file: one document; a folder: every text file in it (``TEXT_SUFFIXES``, sorted by path).
+    """
+    if source is None:
+        path = bundled_data_path()
+        if not path.is_file():
+            raise BadInputError(f"the bundled held-out data is not at '{path}'; pass --data FILE_OR_FOLDER")
+    else:
+        path = Path(source).expanduser()
+        if not path.exists() and bundled_data_path(str(source)).is_file():
+            path = bundled_data_path(str(source))
+    kwargs = {"seq_len": seq_len, "batch_size": batch_size, "n_tokens": n_tokens}
+    if path.suffix == ".safetensors" and path.is_file():
+        texts = _bundled_texts_for(model, path)
+        if texts is None:
+            return token_batches(model, path, **kwargs)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise BadInputError(f"--data folder '{path}' holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        texts = [p.read_text(errors="replace") for p in files]
+    elif path.is_file():
+        texts = [path.read_text(errors="replace")]
+    else:
+        raise BadInputError(
+            f"--data '{source}': no such file or folder, and no bundled data set of that name in "
+            f"{bundled_data_path(str(source)).parent}"
+        )
+    return _texts_to_batches(model, texts, **kwargs)
+
+
+def _texts_to_batches(model: Any, texts: list[str], *, n_tokens: int | None, **kwargs: Any) -> TokenBatches:
+    """``token_batches`` of texts, tokenising only a prefix of the texts when ``n_tokens`` caps the count.
+
+    The prefix holds 8 characters per wanted token (BPE tokens of code and prose average 3–4), and grows
+    fourfold until it gives ``n_tokens`` counted tokens or holds every text.
+    """
+    budget = None if n_tokens is None else 8 * (n_tokens + 1024)
+    while True:
+        if budget is None or budget >= sum(len(t) for t in texts):
+            return token_batches(model, texts, n_tokens=n_tokens, **kwargs)
+        prefix, left = [], budget
+        for text in texts:
+            prefix.append(text[:left])
+            left -= len(prefix[-1])
+            if left <= 0:
+                break
+        batches = token_batches(model, prefix, n_tokens=n_tokens, **kwargs)
+        if batches.n_counted >= n_tokens:
+            return batches
+        budget *= 4
+
+
+def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
+    """Texts of a bundled token file when ``model`` has another tokenizer than the bundled one, else None."""
+    if path.resolve().parent != bundled_data_path().resolve().parent:
+        return None
+    tokenizer = getattr(model, "tokenizer", None)
+    try:
+        bundled = load_tokenizer(bundled_model_path())
+    except (OSError, BadInputError):
+        return None
+    if tokenizer is None or tokenizer.get_vocab() == bundled.get_vocab():
+        return None
+    stream = load_file(str(path))["tokens"].long()
+    eot = bundled.eos_token_id
+    cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
+    texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [t for t in texts if t.strip()]

@@ -1,4 +1,8 @@
-"""Sites: the hook points whose activations we study (SPEC §0).
+"""Sites and hook names: the one place that spells a TransformerLens hook-name template (SPEC §0).
+
+:data:`SITE_KINDS` are the vector sites we study; :data:`HOOKS` every other hook a pass reads. Names are
+built by :func:`hook_name` and parsed by :func:`site_layer` / :func:`site_kind`; :func:`check_layers` is
+the one layer-range check.
 
 Example::
 
@@ -10,10 +14,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.model import as_adapter
 
 #: site kind -> hook-name template ({l} is the layer); ``ln_final`` has no layer.
 SITE_KINDS: dict[str, str] = {
@@ -27,7 +32,41 @@ SITE_KINDS: dict[str, str] = {
     "ln_final": "ln_final.hook_normalized",
 }
 
+#: hooks read by the collection passes besides the sites ({l} is the layer)
+HOOKS: dict[str, str] = {
+    **SITE_KINDS,
+    "attn_v": "blocks.{l}.attn.hook_v",
+    "unembed_in": "unembed.hook_in",
+}
+
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_name(kind: str, layer: int | None = None) -> str:
+    """The hook name of a site kind or pass hook (:data:`HOOKS`) at ``layer``.
+
+    Example: ``hook_name("mlp_pre", 3)`` → ``"blocks.3.mlp.hook_pre"``; ``hook_name("ln_final")``.
+    """
+    template = HOOKS[kind]
+    if "{l}" in template:
+        if layer is None:
+            raise BadInputError(f"hook kind '{kind}' needs a layer")
+        return template.format(l=int(layer))
+    return template
+
+
+def check_layers(model: Any, layers: Iterable[int], *, what: str = "layers", sort: bool = True) -> list[int]:
+    """Layer indices checked against the model: integers in 0..n_layers−1 (else :class:`BadInputError`).
+
+    Returns them sorted without repeats (``sort=True``) or in the given order.
+    Example: ``check_layers(model, [1, 0, 1])`` → ``[0, 1]`` on a model with two or more layers.
+    """
+    n_layers = as_adapter(model).n_layers
+    out = [int(x) for x in layers]
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise BadInputError(f"{what} {bad} out of range: the model has layers 0..{n_layers - 1}")
+    return sorted(set(out)) if sort else out
 
 
 def site_layer(name: str) -> int | None:
@@ -72,11 +111,7 @@ def resolve_sites(model: Any, kinds: str | Iterable[str], layers: Iterable[int] 
     kinds = list(kinds)
     if not kinds:
         raise BadInputError("no site kinds given; choose from " + ", ".join(SITE_KINDS))
-    all_layers = list(range(adapter.n_layers))
-    layer_list = all_layers if layers is None else [int(x) for x in layers]
-    bad = [x for x in layer_list if not 0 <= x < adapter.n_layers]
-    if bad:
-        raise BadInputError(f"layers {bad} out of range: the model has layers 0..{adapter.n_layers - 1}")
+    layer_list = list(range(adapter.n_layers)) if layers is None else check_layers(adapter, layers, sort=False)
     names: list[str] = []
     for kind in kinds:
         if kind in SITE_KINDS:
@@ -89,3 +124,21 @@ def resolve_sites(model: Any, kinds: str | Iterable[str], layers: Iterable[int] 
         names.extend(n for n in new if n not in names)
     adapter.check_hooks(names)
     return names
+
+
+@dataclass(frozen=True)
+class Site:
+    """A vector site: its hook ``name``, SPEC ``kind`` (None for other hooks), ``layer`` (None outside the
+    blocks) and activation width ``dim``.
+
+    Example: ``Site.of(model, "blocks.0.mlp.hook_post")`` → ``Site(name=..., kind="mlp_post", layer=0, dim=512)``.
+    """
+
+    name: str
+    kind: str | None
+    layer: int | None
+    dim: int
+
+    @classmethod
+    def of(cls, model: Any, name: str) -> Site:
+        return cls(name, site_kind(name), site_layer(name), site_dim(model, name))

@@ -7,7 +7,8 @@ Names used (``{site}`` is the hook name):
 
 - ``act/{site}/n`` (int64 scalar) count, ``act/{site}/sum`` (d) Σ a_t, ``act/{site}/outer`` (d×d) Σ a_t a_tᵀ
 - ``jac/{site}/n`` (int64 scalar) tokens, ``jac/{site}/outer`` (d×d) Σ_t g_t g_tᵀ summed over probes / K
-- other analyses (synchronisation) add their own prefixes.
+- ``hsync/{l}/...``, ``nsync/{l}/...``: head and neuron synchronisation sums
+  (:mod:`tl_degeneracy.collection.components`), read with :meth:`Stats.sync_sums`.
 
 Example::
 
@@ -19,19 +20,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from tl_degeneracy._io import META_KEY, load_tensors, save_tensors
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 
-_META_KEY = "tl_degeneracy"
 # metadata entries that must agree for totals to be added (merge) or continued (resume)
 _IDENTITY_KEYS = ("model", "sites", "jacobian_metric", "head_sync", "neuron_sync", "precision", "format")
 FORMAT_VERSION = 1
@@ -81,6 +81,38 @@ class Stats:
             )
         total = self._get(f"jac/{site}/outer", site, "Jacobian statistics")
         return total / max(int(self._get(f"jac/{site}/n", site, "Jacobian count")), 1)
+
+    #: synchronisation kinds -> (tensor prefix, collect() flag, component key in ``meta["components"]``)
+    _SYNC = {"head": ("hsync", "head_sync", "HeadSyncSums"), "neuron": ("nsync", "neuron_sync", "NeuronSyncSums")}
+
+    def sync_layers(self, kind: str) -> list[int]:
+        """Layers with synchronisation sums of ``kind`` (``"head"`` or ``"neuron"``), ascending."""
+        prefix = self._SYNC[kind][0]
+        return sorted({int(k.split("/")[1]) for k in self.tensors if k.startswith(prefix + "/")})
+
+    def sync_sums(self, kind: str, layer: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The synchronisation sums ``{prefix}/{layer}/{key}`` of ``kind`` (``"head"`` / ``"neuron"``) on the
+        CPU, or a :class:`BadInputError` saying how to collect them."""
+        prefix, flag, _ = self._SYNC[kind]
+        missing = [k for k in keys if f"{prefix}/{layer}/{k}" not in self.tensors]
+        if missing:
+            have = self.sync_layers(kind)
+            if not have:
+                raise BadInputError(f"these statistics hold no {prefix} sums: collect with {flag}=True")
+            raise BadInputError(
+                f"no {prefix} sums for layer {layer}: collected layers are {have}; collect with {flag}=True and "
+                f"sync_layers including {layer}"
+            )
+        return {k: self.tensors[f"{prefix}/{layer}/{k}"].cpu() for k in keys}
+
+    def sync_settings(self, kind: str) -> dict[str, Any]:
+        """The settings the synchronisation sums of ``kind`` were collected with (e.g. ``gate_at_zero``)."""
+        return dict(self.meta.get("components", {}).get(self._SYNC[kind][2], {}))
+
+    @property
+    def gate_at_zero(self) -> float:
+        """The neuron gate r(0) the neuron synchronisation sums used (NaN when unknown)."""
+        return float(self.sync_settings("neuron").get("gate_at_zero", math.nan))
 
     @property
     def n_tokens(self) -> int:
@@ -143,26 +175,17 @@ class Stats:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta_json = json.dumps(self.meta, indent=1, sort_keys=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: meta_json}))
-        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(meta_json + "\n"))
-        return path
+        return save_tensors(path, self.tensors, self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
         path = Path(path)
         if not path.exists() and path.with_suffix(".safetensors").exists():
             path = path.with_suffix(".safetensors")
-        if not path.exists():
-            raise BadInputError(f"no statistics file at '{path}'")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if _META_KEY not in header:
-                raise BadInputError(f"'{path}' is not a tl_degeneracy statistics file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(tensors, json.loads(header[_META_KEY]))
+        tensors, meta = load_tensors(path, header_keys=(META_KEY,), what="statistics file")
+        if meta is None:
+            raise BadInputError(f"'{path}' is not a tl_degeneracy statistics file")
+        return cls(tensors, meta)
 
     def __repr__(self) -> str:
         return f"Stats(sites={self.sites}, n_tokens={self.n_tokens}, entries={len(self.tensors)})"
@@ -171,13 +194,3 @@ class Stats:
 def _data_summary(stats: Stats) -> dict[str, Any]:
     return {"n_tokens": stats.n_tokens, "data": stats.meta.get("data"), "jacobian": stats.meta.get("jacobian")}
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

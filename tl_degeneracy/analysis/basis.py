@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -36,9 +35,9 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
 from tl_degeneracy.errors import BadInputError, NonFiniteError
 
 __all__ = ["InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
@@ -186,28 +185,26 @@ class InteractionBasis:
 
         ``path`` may end in ``.safetensors`` or have no such suffix. Returns the tensor file's path.
         """
-        tensor_path, json_path = _paths(path)
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().cpu().contiguous().clone() for name in _TENSOR_FIELDS}
-        save_file(tensors, str(tensor_path))
+        t_path, json_path = _paths(path)
+        save_tensors(t_path, {name: getattr(self, name) for name in _TENSOR_FIELDS}, sidecar=False)
         meta: dict[str, Any] = {"format": _FORMAT, "version": _FORMAT_VERSION}
         meta.update({name: getattr(self, name) for name in _SCALAR_FIELDS})
-        json_path.write_text(json.dumps(meta, indent=2) + "\n")
-        return tensor_path
+        write_json(json_path, meta, indent=2, nan_to_null=False)
+        return t_path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> InteractionBasis:
         """Read a basis written by :meth:`save` (bit for bit)."""
-        tensor_path, json_path = _paths(path)
-        if not tensor_path.exists() or not json_path.exists():
-            raise BadInputError(f"expected {tensor_path} and {json_path}, written by InteractionBasis.save")
-        meta = json.loads(json_path.read_text())
+        t_path, json_path = _paths(path)
+        if not t_path.exists() or not json_path.exists():
+            raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionBasis.save")
+        meta = read_json(json_path)
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
             raise BadInputError(
                 f"{json_path} is not an InteractionBasis file of version {_FORMAT_VERSION} "
                 f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
             )
-        tensors = load_file(str(tensor_path), device=str(device))
+        tensors, _ = load_tensors(t_path, device=device, what="InteractionBasis tensor file")
         return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS})
 
 
@@ -513,6 +510,5 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    tensor_path = p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
-    return tensor_path, tensor_path.with_suffix(".json")
+    t_path = tensor_path(path)
+    return t_path, t_path.with_suffix(".json")

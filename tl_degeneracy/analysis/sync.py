@@ -1,8 +1,7 @@
 """Synchronised attention heads and MLP neurons (paper §3.2, eq. 17–22; SPEC §4).
 
-Two streamed components fill a :class:`~tl_degeneracy.stats.Stats` during :func:`~tl_degeneracy.collect`
-(``head_sync=True`` / ``neuron_sync=True``), with a few matrix products per batch and nothing kept across
-batches; two analyses read the totals back:
+Analyses of the synchronisation sums that :func:`~tl_degeneracy.collect` streams with ``head_sync=True`` /
+``neuron_sync=True`` (:mod:`tl_degeneracy.collection.components`); pure tensors in, results out:
 
 - :func:`head_sync` → :class:`HeadSync`: pattern distance D[h, h'] = mean over counted query tokens of
   ‖A_h[q, :] − A_h'[q, :]‖², the value-weighted (output) distance, synchronised blocks and degrees of freedom.
@@ -19,269 +18,37 @@ Example::
     hs.dof(1e-3).extra               # Σ_S r_S² − Σ_h r_h²
     ns = tld.neuron_sync(stats, layer=3)
     ns.sweep().n_blocks              # number of blocks against a log-spaced τ grid
-
-Statistics written (all sums over counted tokens, so batches, runs and machines add exactly):
-
-``hsync/{l}/n`` (int64) counted query tokens; ``hsync/{l}/pattern_gram`` [H, H] Σ_q ⟨A_h[q], A_h'[q]⟩
-(float64 per batch); ``hsync/{l}/value_err`` [H, H] entry [h, h'] = Σ_q ‖(A_h[q] − A_h'[q]) V_h‖²;
-``hsync/{l}/value_sq`` [H] Σ_q ‖A_h[q] V_h‖²; ``hsync/{l}/value_outer`` [H·d_head, H·d_head] Σ_k v_k v_kᵀ of
-the concatenated per-head value vectors over the *attended keys* (every key position to which some counted
-query gives non-zero attention: the BOS position is one, padding after the last counted token is not);
-``hsync/{l}/n_keys`` (int64).
-
-``nsync/{l}/n`` (int64) counted tokens; ``nsync/{l}/cross`` [d_mlp, d_mlp] entry [i, j] =
-Σ_t (p_i² r_j² − 2 f_i p_i r_j); ``nsync/{l}/f_sq`` [d_mlp] Σ_t f_i²; ``nsync/{l}/pre_outer`` [d_mlp, d_mlp]
-Σ_t p_t p_tᵀ. Per-batch products of [tokens, d] matrices run in float32 (TF32 off), totals in float64 — also
-under ``collect(precision="fast")``: the distances come from differences of nearly equal sums, and bfloat16
-inputs would leave a noise floor of ~1e-2 of E[f²] on them (and hide rank drops below 1e-2).
-
-Memory: per layer the neuron sums are two d_mlp² matrices; for GPT-2 small (d_mlp = 3072, 12 layers) the
-float64 totals take 2 · 3072² · 8 B · 12 = 1.69 GiB, and one batch's float32 increments another 0.84 GiB
-while the batch runs (``sync_layers=`` collects fewer layers at a time). The head sums are small (the value
-Gram is (H·d_head)² = 768² per layer: 54 MiB for all 12 layers).
-
-Cost per counted token and layer: neurons, three d_mlp² products (two for ReLU), 6·d_mlp² FLOPs — about 2.7 ×
-a whole GPT-2-small forward for all 12 layers; heads, 2·H²·T·d_head FLOPs for the value-weighted distance
-(a sixth of a GPT-2-small layer's forward at T = 128). Measured figures: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
-from safetensors import safe_open
-from safetensors.torch import save_file
+from jaxtyping import Float, Int
 
-from tl_degeneracy.collect import BatchContext, Component, Hook, gram_increment
+from tl_degeneracy._io import load_tensors, save_tensors
+from tl_degeneracy.analysis.linkage import (
+    SpanningTree,
+    block_rank,
+    blocks_of,
+    minimum_spanning_tree,
+    single_linkage_labels,
+)
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.model import ModelAdapter
-from tl_degeneracy.stats import Stats, _atomic_write
+from tl_degeneracy.stats import Stats
 
-#: gate r_i = f_i / p_i at an exact zero p_i = 0 (eq. 17), the limit φ'(0) of each elementwise activation.
-#: ReLU takes 1 (the paper's eq. 17 convention; its left limit would be 0); GELU variants and SiLU take
-#: φ'(0) = ½; relu2 (ReLU(x)²) takes 0.
-GATE_AT_ZERO: dict[str, float] = {
-    "relu": 1.0,
-    "gelu": 0.5,
-    "gelu_new": 0.5,
-    "gelu_fast": 0.5,
-    "gelu_pytorch_tanh": 0.5,
-    "silu": 0.5,
-    "swish": 0.5,
-    "relu2": 0.0,
-}
-
+#: header key of synchronisation result files (format unchanged since 0.1.0)
 _SAVE_KEY = "tl_degeneracy_sync"
 
 
-def gate_at_zero(act_fn: str | None) -> float:
-    """The gate value r(0) used where a preactivation is exactly zero (see :data:`GATE_AT_ZERO`)."""
-    if act_fn not in GATE_AT_ZERO:
-        raise BadInputError(
-            f"neuron synchronisation needs an elementwise activation f = φ(p) with a known gate at p = 0; "
-            f"the model's act_fn is {act_fn!r}. Supported: {', '.join(GATE_AT_ZERO)}"
-        )
-    return GATE_AT_ZERO[act_fn]
-
-
-def _check_layers(adapter: ModelAdapter, layers: Sequence[int]) -> list[int]:
-    out = sorted({int(x) for x in layers})
-    bad = [x for x in out if not 0 <= x < adapter.n_layers]
-    if bad or not out:
-        raise BadInputError(
-            f"sync_layers {list(layers)} invalid: give a non-empty list of layers in 0..{adapter.n_layers - 1}"
-        )
-    return out
-
-
-def _pair_hooks(first: str, second: str, compute: Callable[[torch.Tensor, torch.Tensor], None]) -> list[Hook]:
-    """Hooks on two names that call ``compute(act_first, act_second)`` once both fired (in either order).
-
-    ``compute`` runs with autocast off: the sync sums stay float32 under ``precision="fast"``, where the
-    cancellations in the distances would leave a bfloat16 noise floor of about 1e-2.
-    """
-    held: dict[str, torch.Tensor] = {}
-
-    def make(name: str) -> Callable[..., None]:
-        def hook(act: torch.Tensor, hook: Any) -> None:
-            held[name] = act.detach()
-            if len(held) == 2:
-                with torch.autocast(act.device.type, enabled=False):
-                    compute(held.pop(first), held.pop(second))
-
-        return hook
-
-    return [(first, make(first)), (second, make(second))]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# per-batch sums (pure functions of one batch's activations)
-# ---------------------------------------------------------------------------------------------------------
-def head_sync_increments(
-    pattern: Float[torch.Tensor, "batch head q k"],
-    v: Float[torch.Tensor, "batch k kv_head d_head"],
-    mask: Bool[torch.Tensor, "batch q"],
-) -> dict[str, torch.Tensor]:
-    """One batch's head-synchronisation sums over counted query tokens (SPEC §4).
-
-    With a = A_h[q, :] and V_h [k, d_head] the head's value vectors in the same sequence:
-
-    - ``pattern_gram`` [h, h'] = Σ_q ⟨A_h[q], A_h'[q]⟩ (float64), so Σ‖A_h − A_h'‖² = G_hh + G_h'h' − 2 G_hh';
-    - ``value_err`` [h, h'] = Σ_q ‖(A_h[q] − A_h'[q]) V_h‖², the output error of moving head h's values into
-      head h' (directed; squares of the differences summed in float32, so synchronised heads give zeros
-      rather than a cancellation of large terms);
-    - ``value_sq`` [h] = Σ_q ‖A_h[q] V_h‖²;
-    - ``value_outer`` = Σ_k v_k v_kᵀ over attended keys, v_k = concat_h V_h[k] (H·d_head), and ``n_keys``.
-
-    Grouped-query models (fewer value heads than heads) have their value heads repeated to one per head.
-    """
-    b, n_heads, t_q, t_k = pattern.shape
-    vals = v.float()
-    if vals.shape[2] != n_heads:
-        vals = vals.repeat_interleave(n_heads // vals.shape[2], dim=2)
-    d_head = vals.shape[-1]
-    mask = mask.to(pattern.device)
-    # zero the rows of uncounted queries: they then add nothing to any sum below (no gathers needed)
-    a = pattern.float() * mask[:, None, :, None]
-    flat = a.double().transpose(0, 1).reshape(n_heads, -1)
-    pattern_gram = flat @ flat.T
-    # Z[b, g, q, h] = A_g[q] V_h: head g's pattern applied to head h's values, one batched product
-    z = torch.matmul(a.reshape(b, n_heads * t_q, t_k), vals.reshape(b, t_k, n_heads * d_head))
-    z = z.view(b, n_heads, t_q, n_heads, d_head)
-    own = z.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # [B, h, q, d] = A_h V_h, own output
-    err = (z - own.permute(0, 2, 1, 3).unsqueeze(1)).square_().sum(dim=(0, 2, 4))  # [g, h]
-    attended = a.amax(dim=(1, 2)) > 0  # [B, Tk]: keys some counted query attends to
-    keys = vals[attended].reshape(-1, n_heads * d_head)
-    return {
-        "n": mask.sum().to(torch.int64),
-        "pattern_gram": pattern_gram,
-        "value_err": err.T.double(),
-        "value_sq": own.square().sum(dim=(0, 2, 3)).double(),
-        "value_outer": gram_increment(keys),
-        "n_keys": torch.tensor(keys.shape[0], dtype=torch.int64, device=a.device),
-    }
-
-
-def gates(
-    pre: Float[torch.Tensor, "n d_mlp"], post: Float[torch.Tensor, "n d_mlp"], at_zero: float
-) -> Float[torch.Tensor, "n d_mlp"]:
-    """r = f / p elementwise (eq. 17), ``at_zero`` where p = 0 exactly (never NaN)."""
-    nonzero = pre != 0
-    return torch.where(nonzero, post / torch.where(nonzero, pre, torch.ones_like(pre)), at_zero)
-
-
-def neuron_sync_increments(
-    pre: Float[torch.Tensor, "batch pos d_mlp"],
-    post: Float[torch.Tensor, "batch pos d_mlp"],
-    mask: Bool[torch.Tensor, "batch pos"],
-    at_zero: float,
-    *,
-    binary_gates: bool = False,
-) -> dict[str, torch.Tensor]:
-    """One batch's neuron-synchronisation sums over counted tokens (eq. 17, 20; SPEC §4).
-
-    The directed mixing error expands as ((r_j − r_i) p_i)² = p_i² r_j² − 2 f_i p_i r_j + f_i² (f_i = r_i p_i),
-    so with P2 = p², R = r, R2 = r², F = f over the batch's tokens [n, d_mlp]:
-
-        n · E[i→j] = (P2ᵀ R2 − 2 (F ∘ P)ᵀ R)[i, j] + Σ_t f_i²
-
-    — two d_mlp×d_mlp products (``cross``) and a vector (``f_sq``); plus the preactivation Gram
-    ``pre_outer`` = Pᵀ P for the block ranks s_a (eq. 21). ``binary_gates=True`` (ReLU: r ∈ {0, 1}, so
-    r² = r) needs one product for ``cross`` instead of two.
-    """
-    mask = mask.to(pre.device)
-    p = pre[mask].float()
-    f = post[mask].float()
-    r = gates(p, f, at_zero)
-    if binary_gates:  # r ∈ {0, 1} so r² = r: one product, P2ᵀR2 − 2(F∘P)ᵀR = (P2 ∘ (1 − 2R))ᵀ R
-        cross = (p * p * (1.0 - 2.0 * r)).T @ r
-    else:
-        cross = (p * p).T @ (r * r)
-        cross.addmm_((f * p).T, r, alpha=-2.0)
-    return {
-        "n": torch.tensor(p.shape[0], dtype=torch.int64, device=p.device),
-        "cross": cross,
-        "f_sq": f.double().square().sum(0),
-        "pre_outer": gram_increment(p),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# streaming components
-# ---------------------------------------------------------------------------------------------------------
-class HeadSyncSums(Component):
-    """Streams ``hsync/{l}/...`` from ``blocks.{l}.attn.hook_pattern`` and ``blocks.{l}.attn.hook_v``."""
-
-    needs_logits = False
-
-    def __init__(self, adapter: ModelAdapter, layers: Sequence[int]):
-        self.layers = _check_layers(adapter, layers)
-
-    def hook_names(self) -> list[str]:
-        return [f"blocks.{x}.attn.{h}" for x in self.layers for h in ("hook_pattern", "hook_v")]
-
-    def fwd_hooks(self, ctx: BatchContext) -> list[Hook]:
-        hooks: list[Hook] = []
-        for layer in self.layers:
-            def compute(pattern: torch.Tensor, v: torch.Tensor, layer: int = layer) -> None:
-                for key, value in head_sync_increments(pattern, v, ctx.mask).items():
-                    ctx.add(f"hsync/{layer}/{key}", value)
-
-            hooks += _pair_hooks(f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v", compute)
-        return hooks
-
-    def meta(self) -> dict[str, Any]:
-        return {"layers": self.layers, "value_keys": "attended"}
-
-
-class NeuronSyncSums(Component):
-    """Streams ``nsync/{l}/...`` from ``blocks.{l}.mlp.hook_pre`` (p) and ``blocks.{l}.mlp.hook_post`` (f)."""
-
-    needs_logits = False
-
-    def __init__(self, adapter: ModelAdapter, layers: Sequence[int]):
-        if adapter.d_mlp is None:
-            raise BadInputError("neuron_sync=True needs a model with MLP layers (cfg.d_mlp is None)")
-        if getattr(adapter.model.cfg, "gated_mlp", False):
-            raise BadInputError(
-                "neuron_sync=True needs an elementwise MLP f = φ(p); gated MLPs (f = φ(p)·(W_in x)) have no gate "
-                "r = f/p in the sense of eq. 17. Collect with neuron_sync=False"
-            )
-        self.act_fn = adapter.act_fn
-        self.at_zero = gate_at_zero(adapter.act_fn)
-        self.layers = _check_layers(adapter, layers)
-
-    def hook_names(self) -> list[str]:
-        return [f"blocks.{x}.mlp.{h}" for x in self.layers for h in ("hook_pre", "hook_post")]
-
-    def fwd_hooks(self, ctx: BatchContext) -> list[Hook]:
-        hooks: list[Hook] = []
-        for layer in self.layers:
-            def compute(pre: torch.Tensor, post: torch.Tensor, layer: int = layer) -> None:
-                incs = neuron_sync_increments(pre, post, ctx.mask, self.at_zero, binary_gates=self.act_fn == "relu")
-                for key, value in incs.items():
-                    ctx.add(f"nsync/{layer}/{key}", value)
-
-            hooks += _pair_hooks(f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", compute)
-        return hooks
-
-    def meta(self) -> dict[str, Any]:
-        return {"layers": self.layers, "act_fn": self.act_fn, "gate_at_zero": self.at_zero}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# analyses
-# ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SyncDof:
     """Degrees of freedom at one threshold τ (SPEC §4).
@@ -342,7 +109,7 @@ class _SyncResult(abc.ABC):
         self.n_tokens = n_tokens
         self.rank_gram = rank_gram
         self.unit_width = unit_width
-        self._mst: dict[str, tuple[list[int], list[int], list[float]]] = {}
+        self._mst: dict[str, SpanningTree] = {}
         self._ranks: dict[tuple[tuple[int, ...], float], int] = {}
 
     def __repr__(self) -> str:
@@ -358,59 +125,21 @@ class _SyncResult(abc.ABC):
             raise BadInputError(f"measure must be one of {', '.join(self.measures)}, got {measure!r}")
         return getattr(self, measure)
 
-    def _tree(self, measure: str) -> tuple[list[int], list[int], list[float]]:
-        """Minimum spanning tree of the complete graph weighted by the distance (Prim, O(n²)), edges sorted.
-
-        The connected components of {D ≤ τ} are those of the tree's edges with weight ≤ τ (single linkage),
-        so one tree answers every τ.
-        """
+    def _tree(self, measure: str) -> SpanningTree:
+        """The minimum spanning tree of the measure (:func:`~tl_degeneracy.analysis.linkage.minimum_spanning_tree`),
+        computed once per measure: one tree answers every τ."""
         if measure not in self._mst:
-            d = self._matrix(measure)
-            n = d.shape[0]
-            in_tree = torch.zeros(n, dtype=torch.bool)
-            in_tree[0] = True
-            best = d[0].clone()
-            best[0] = math.inf
-            parent = torch.zeros(n, dtype=torch.long)
-            us, vs, ws = [], [], []
-            for _ in range(n - 1):
-                j = int(torch.argmin(best))
-                us.append(int(parent[j]))
-                vs.append(j)
-                ws.append(float(best[j]))
-                in_tree[j] = True
-                parent = torch.where(d[j] < best, j, parent)
-                best = torch.minimum(best, d[j])
-                best[in_tree] = math.inf
-            order = sorted(range(len(ws)), key=ws.__getitem__)
-            self._mst[measure] = ([us[i] for i in order], [vs[i] for i in order], [ws[i] for i in order])
+            self._mst[measure] = minimum_spanning_tree(self._matrix(measure))
         return self._mst[measure]
 
     def labels(self, tau: float, *, measure: str = "distance") -> Int[torch.Tensor, " units"]:
         """Block label of every unit at threshold τ (a block's label is its smallest member)."""
-        us, vs, ws = self._tree(measure)
-        root = list(range(self.n_units))
-
-        def find(x: int) -> int:
-            while root[x] != x:
-                root[x] = root[root[x]]
-                x = root[x]
-            return x
-
-        for u, v, w in zip(us, vs, ws, strict=True):
-            if w > tau:
-                break
-            a, b = find(u), find(v)
-            root[max(a, b)] = min(a, b)
-        return torch.tensor([find(x) for x in range(self.n_units)], dtype=torch.long)
+        return single_linkage_labels(self._tree(measure), self.n_units, tau)
 
     def blocks(self, tau: float, *, measure: str = "distance") -> list[list[int]]:
         """Synchronised blocks: connected components of {distance ≤ τ} (single linkage), singletons included;
         each block sorted, blocks listed by smallest member."""
-        groups: dict[int, list[int]] = {}
-        for unit, label in enumerate(self.labels(tau, measure=measure).tolist()):
-            groups.setdefault(label, []).append(unit)
-        return [groups[k] for k in sorted(groups)]
+        return blocks_of(self.labels(tau, measure=measure))
 
     # ---- ranks and degrees of freedom ---------------------------------------------------------
     def block_rank(self, members: Sequence[int], *, rtol: float = 1e-5) -> int:
@@ -423,18 +152,7 @@ class _SyncResult(abc.ABC):
         """
         key = (tuple(sorted(int(m) for m in members)), float(rtol))
         if key not in self._ranks:
-            w = self.unit_width
-            idx = torch.tensor([u * w + i for u in key[0] for i in range(w)], dtype=torch.long)
-            g = self.rank_gram[idx][:, idx]
-            diag = g.diagonal()
-            keep = diag > 0
-            if not bool(keep.any()):
-                rank = 0
-            else:
-                s = diag[keep].rsqrt()
-                ev = torch.linalg.eigvalsh(g[keep][:, keep] * s[:, None] * s[None, :])
-                rank = int((ev > rtol * ev[-1]).sum())
-            self._ranks[key] = rank
+            self._ranks[key] = block_rank(self.rank_gram, key[0], unit_width=self.unit_width, rtol=rtol)
         return self._ranks[key]
 
     def _generic(self, rtol: float) -> int:
@@ -451,7 +169,7 @@ class _SyncResult(abc.ABC):
     def default_taus(self, *, measure: str = "distance", n: int = 25) -> Float[torch.Tensor, " k"]:
         """0, then ``n`` log-spaced thresholds from half the smallest positive merge distance up to the
         distance at which every unit is in one block."""
-        ws = torch.tensor(self._tree(measure)[2], dtype=torch.float64)
+        ws = torch.tensor(self._tree(measure).w, dtype=torch.float64)
         ws = ws[torch.isfinite(ws) & (ws > 0)]
         zero = torch.zeros(1, dtype=torch.float64)
         if ws.numel() == 0:
@@ -499,15 +217,8 @@ class _SyncResult(abc.ABC):
         Only the inputs the result is built from are stored (for neurons: E[i→j], E[f²] and the preactivation
         Gram, 2·d_mlp² float64); :meth:`load` rebuilds the object, :func:`load_sync` its tensors by name.
         """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps(self.summary(), indent=1, sort_keys=True)
-        tensors = {k: getattr(self, k).contiguous() for k in self._state_names}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_SAVE_KEY: meta}))
-        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(meta + "\n"))
-        return path
+        tensors = {k: getattr(self, k) for k in self._state_names}
+        return save_tensors(path, tensors, self.summary(), header_key=_SAVE_KEY)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Any:
@@ -521,19 +232,6 @@ class _SyncResult(abc.ABC):
     @abc.abstractmethod
     def _from_saved(cls, summary: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
         """Rebuild from :meth:`summary` and the tensors named in ``_state_names``."""
-
-
-def _need(stats: Stats, prefix: str, layer: int, keys: Sequence[str], flag: str) -> dict[str, torch.Tensor]:
-    missing = [k for k in keys if f"{prefix}/{layer}/{k}" not in stats.tensors]
-    if missing:
-        have = sorted({int(k.split("/")[1]) for k in stats.tensors if k.startswith(prefix + "/")})
-        if not have:
-            raise BadInputError(f"these statistics hold no {prefix} sums: collect with {flag}=True")
-        raise BadInputError(
-            f"no {prefix} sums for layer {layer}: collected layers are {have}; collect with {flag}=True and "
-            f"sync_layers including {layer}"
-        )
-    return {k: stats.tensors[f"{prefix}/{layer}/{k}"].cpu() for k in keys}
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -670,8 +368,7 @@ def head_sync(stats: Stats, layer: int) -> HeadSync:
         hs.distance[0, 1]          # mean_q ‖A_0[q] − A_1[q]‖²
         hs.dof(1e-3).extra         # Σ_S r_S² − Σ_h r_h²
     """
-    s = _need(stats, "hsync", layer, ("n", "pattern_gram", "value_err", "value_sq", "value_outer", "n_keys"),
-              "head_sync")
+    s = stats.sync_sums("head", layer, ("n", "pattern_gram", "value_err", "value_sq", "value_outer", "n_keys"))
     n, n_keys = int(s["n"]), int(s["n_keys"])
     return HeadSync(layer=layer, n_tokens=n, n_keys=n_keys, pattern_gram=s["pattern_gram"] / max(n, 1),
                     value_err=s["value_err"] / max(n, 1), value_sq=s["value_sq"] / max(n, 1),
@@ -689,25 +386,18 @@ def neuron_sync(stats: Stats, layer: int) -> NeuronSync:
         ns.blocks(1e-4, measure="normalized_distance")
         ns.dof(1e-4, measure="normalized_distance").total      # Σ_a s_a² (eq. 22)
     """
-    s = _need(stats, "nsync", layer, ("n", "cross", "f_sq", "pre_outer"), "neuron_sync")
+    s = stats.sync_sums("neuron", layer, ("n", "cross", "f_sq", "pre_outer"))
     n = max(int(s["n"]), 1)
-    comp = stats.meta.get("components", {}).get("NeuronSyncSums", {})
-    return NeuronSync(layer=layer, n_tokens=int(s["n"]), gate_at_zero=float(comp.get("gate_at_zero", math.nan)),
+    return NeuronSync(layer=layer, n_tokens=int(s["n"]), gate_at_zero=stats.gate_at_zero,
                       directed=(s["cross"] + s["f_sq"][:, None]) / n, mean_f_sq=s["f_sq"] / n,
                       pre_gram=s["pre_outer"] / n)
 
 
 def _read_sync_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".safetensors").exists():
-        path = path.with_name(path.name + ".safetensors")
-    if not path.exists():
-        raise BadInputError(f"no synchronisation file at '{path}'")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if _SAVE_KEY not in header:
-            raise BadInputError(f"'{path}' was not written by HeadSync.save / NeuronSync.save")
-        return json.loads(header[_SAVE_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    tensors, summary = load_tensors(path, header_keys=(_SAVE_KEY,), what="synchronisation file")
+    if summary is None:
+        raise BadInputError(f"'{path}' was not written by HeadSync.save / NeuronSync.save")
+    return summary, tensors
 
 
 def load_sync(path: str | os.PathLike) -> dict[str, Any]:

@@ -58,10 +58,10 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tl_degeneracy.collect import BatchContext, Component, Hook, check_finite, flatten_site
+from tl_degeneracy.adapter import ModelAdapter, as_adapter
+from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.model import ModelAdapter, as_adapter
-from tl_degeneracy.sites import site_kind, site_layer
+from tl_degeneracy.sites import hook_name, site_kind, site_layer
 
 METRICS = ("kl", "mse")
 ESTIMATORS = ("probe", "exact")
@@ -90,7 +90,7 @@ def leaf_hook(adapter: ModelAdapter, sites: Sequence[str]) -> str:
             layers.append(layer)
     if not sites:
         raise BadInputError("no sites given for Jacobian statistics")
-    return f"blocks.{min(layers)}.hook_resid_pre" if layers else f"blocks.{adapter.n_layers - 1}.hook_resid_post"
+    return hook_name("resid_pre", min(layers)) if layers else hook_name("resid_post", adapter.n_layers - 1)
 
 
 @dataclass
@@ -135,6 +135,7 @@ class JacobianMoments(Component):
     """
 
     needs_logits = True
+    meta_key = "JacobianMoments"
 
     def __init__(
         self, adapter: Any, sites: Sequence[str], *, metric: str = "kl", estimator: str = "probe", n_probes: int = 1

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.model import as_adapter
 from tl_degeneracy.sites import site_dim, site_layer
 
 F64, F32 = 8, 4

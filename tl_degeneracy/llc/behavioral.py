@@ -17,8 +17,6 @@ when the call returns or raises.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_degeneracy._io import read_json, write_json
+from tl_degeneracy.adapter import FunctionalModel, ModelAdapter, parameter_masks, preserved_state
+from tl_degeneracy.data import token_batches
 from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.llc import LLCResult, sgld_llc
-from tl_degeneracy.model import FunctionalModel, ModelAdapter, parameter_masks
+from tl_degeneracy.llc.sgld import LLCResult, sgld_llc
 
 __all__ = ["LLCScaleSweep", "estimate_llc", "llc_scale_sweep"]
 
@@ -119,25 +119,6 @@ def behavioral_loss(logits: Float[Tensor, "batch pos vocab"], batch: _Batch, los
     return (per_token * batch.weight).sum() / batch.weight.sum().clamp_min(1.0)  # a batch may count none
 
 
-@contextlib.contextmanager
-def _model_untouched(model: torch.nn.Module) -> Iterator[None]:
-    """Whatever happens inside, leave every module's parameters (the objects themselves), requires_grad
-    flags and train/eval flags as they were."""
-    params = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
-    flags = [(p, p.requires_grad) for _, _, p in params if p is not None]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, name, p in params:
-            if m._parameters.get(name) is not p:
-                m._parameters[name] = p
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
-
-
 def estimate_llc(
     model: Any,
     data: Iterable[Any],
@@ -202,10 +183,8 @@ def estimate_llc(
     adapter = ModelAdapter(model)
     net = adapter.model
     if isinstance(data, Tensor):
-        from tl_degeneracy.data import token_batches
-
         data = token_batches(net, data, batch_size=max(1, data.shape[0]))
-    with _model_untouched(net), adapter.eval_mode():
+    with preserved_state(net), adapter.eval_mode():
         fm = FunctionalModel(net)
         if isinstance(params, Mapping):
             unknown = sorted(set(params) - set(fm.parameters))
@@ -310,7 +289,7 @@ class LLCScaleSweep:
         folder.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(self.results):
             r.save(folder / f"run_{i:03d}")
-        (folder / "sweep.json").write_text(json.dumps({"rows": self.rows(), "n_runs": len(self.results)}, indent=2))
+        write_json(folder / "sweep.json", {"rows": self.rows(), "n_runs": len(self.results)}, indent=2)
         return folder
 
     @classmethod
@@ -318,7 +297,7 @@ class LLCScaleSweep:
         folder = Path(path)
         if not (folder / "sweep.json").is_file():
             raise BadInputError(f"{folder} holds no saved LLCScaleSweep (sweep.json)")
-        n = int(json.loads((folder / "sweep.json").read_text())["n_runs"])
+        n = int(read_json(folder / "sweep.json")["n_runs"])
         return cls([LLCResult.load(folder / f"run_{i:03d}") for i in range(n)])
 
 

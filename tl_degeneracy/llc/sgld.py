@@ -15,7 +15,6 @@ TransformerLens model on top of it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -27,10 +26,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degeneracy._io import load_tensors, read_json, save_tensors, write_json
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
 
 __all__ = ["LLCResult", "sgld_llc"]
@@ -118,17 +117,13 @@ class LLCResult:
         """Write the result to the folder ``path``: ``llc.safetensors`` (per-chain estimates and the
         loss trace) and ``llc.json`` (scalars, diagnostics, settings). No pickle. Returns the folder."""
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {
-                "llc_per_chain": self.llc_per_chain.detach().to("cpu", torch.float64).contiguous(),
-                "loss_trace": self.loss_trace.detach().to("cpu", torch.float64).contiguous(),
-            },
-            str(folder / _RESULT_TENSORS),
-        )
+        save_tensors(folder / _RESULT_TENSORS, {
+            "llc_per_chain": self.llc_per_chain.detach().to(torch.float64),
+            "loss_trace": self.loss_trace.detach().to(torch.float64),
+        }, sidecar=False)
         meta = {k: v for k, v in self.to_dict().items() if k not in ("llc_per_chain", "loss_trace")}
         meta["format"] = "tl_degeneracy.LLCResult/1"
-        (folder / _RESULT_JSON).write_text(json.dumps(meta, indent=2))
+        write_json(folder / _RESULT_JSON, meta, indent=2, nan_to_null=False)
         return folder
 
     @classmethod
@@ -137,8 +132,8 @@ class LLCResult:
         folder = Path(path)
         if not (folder / _RESULT_JSON).is_file() or not (folder / _RESULT_TENSORS).is_file():
             raise BadInputError(f"{folder} holds no saved LLCResult ({_RESULT_JSON} + {_RESULT_TENSORS})")
-        meta = json.loads((folder / _RESULT_JSON).read_text())
-        tensors = load_file(str(folder / _RESULT_TENSORS))
+        meta = read_json(folder / _RESULT_JSON)
+        tensors, _ = load_tensors(folder / _RESULT_TENSORS, what="LLCResult tensor file")
         return cls(
             llc_mean=float(meta["llc_mean"]),
             llc_std=float(meta["llc_std"]),

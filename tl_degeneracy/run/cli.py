@@ -30,9 +30,12 @@ from typing import Any
 
 import torch
 
-from tl_degeneracy import __version__, report
+from tl_degeneracy._io import write_json
+from tl_degeneracy._version import __version__
 from tl_degeneracy.errors import TLDegeneracyError
-from tl_degeneracy.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages, write_json
+from tl_degeneracy.run import report
+from tl_degeneracy.run.layout import RunFolder
+from tl_degeneracy.run.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages
 
 #: site kinds offered by --sites (attn_pattern is read by the synchronisation analysis, not a vector site)
 _SITE_CHOICES = ("resid_pre", "resid_mid", "resid_post", "mlp_pre", "mlp_post", "attn_z", "ln_final")
@@ -258,7 +261,7 @@ def _machine() -> dict[str, Any]:
 
 def _previous_runs(out: Path) -> list[Any]:
     """The records of earlier invocations on the same folder (from its run.json), oldest first."""
-    path = out / "run.json"
+    path = RunFolder(out).run_json
     if not path.is_file():
         return []
     try:
@@ -298,7 +301,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     }
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_runs(out)
-    write_json(out / "run.json", {**record, "result": "running", "previous_runs": previous})
+    write_json(RunFolder(out).run_json, {**record, "result": "running", "previous_runs": previous})
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     threads = torch.get_num_threads()
@@ -324,9 +327,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
             signal.signal(signal.SIGTERM, sigterm)
         record.update(stages=status, wall_seconds=time.perf_counter() - t0,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), previous_runs=previous)
-        write_json(out / "run.json", record)
-    if (out / "index.md").is_file():
-        print(f"[tl-degeneracy] report: {out / 'index.md'}", file=sys.stderr)
+        write_json(RunFolder(out).run_json, record)
+    if RunFolder(out).index.is_file():
+        print(f"[tl-degeneracy] report: {RunFolder(out).index}", file=sys.stderr)
     return 0
 
 

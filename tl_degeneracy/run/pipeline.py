@@ -8,7 +8,7 @@ Each stage is a :class:`Stage` in the registry :data:`STAGES`, run in this order
 - ``basis``: interaction and PCA bases of every site → ``bases/``;
 - ``sync``: head and neuron synchronisation per layer → ``sync/``;
 - ``llc``: behavioral LLC of the whole model and of each layer, and an nβ sweep for λ(ε) → ``llc/``;
-- ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.report.write_report`).
+- ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.run.report.write_report`).
 
 A finished stage leaves a marker ``stages/{name}.json`` (written last) with the settings its outputs depend
 on and the ids of the upstream outputs it read. Running a stage again skips it when the marker and its
@@ -27,7 +27,6 @@ so (:meth:`Stage.unavailable`) instead of running.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -44,8 +43,10 @@ from typing import Any
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy.basis import DEFAULT_RTOL
+from tl_degeneracy._io import json_safe, write_json
+from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.run.layout import RunFolder
 
 __all__ = [
     "RunConfig",
@@ -54,13 +55,9 @@ __all__ = [
     "Stage",
     "StageSettingsError",
     "default_stages",
-    "load_data",
     "parse_layers",
     "run_stages",
 ]
-
-TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".html", ".tex")
-
 
 class StageSettingsError(BadInputError):
     """A finished stage's outputs were made with other settings than the ones asked for now."""
@@ -164,91 +161,6 @@ def data_identity(data: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------
-def load_data(model: Any, source: str | None, *, seq_len: int, batch_size: int,
-              n_tokens: int | None) -> tld.TokenBatches:
-    """Token batches for a run from ``--data``: a bundled token-file name or path, a text file, or a folder.
-
-    - ``None``: the bundled held-out file (``tld.bundled_data_path()``).
-    - a ``.safetensors`` token file (1-D ``"tokens"``) or the name of one in ``data/``. The bundled files hold
-      ids of the bundled model's tokenizer; for a model with another tokenizer (e.g. ``gpt2``) they are
-      decoded to text with the bundled tokenizer and tokenised again with the model's.
-    - a text file: one document; a folder: every text file in it (``TEXT_SUFFIXES``, sorted by path).
-    """
-    if source is None:
-        path = tld.bundled_data_path()
-        if not path.is_file():
-            raise BadInputError(f"the bundled held-out data is not at '{path}'; pass --data FILE_OR_FOLDER")
-    else:
-        path = Path(source).expanduser()
-        if not path.exists() and tld.bundled_data_path(str(source)).is_file():
-            path = tld.bundled_data_path(str(source))
-    kwargs = {"seq_len": seq_len, "batch_size": batch_size, "n_tokens": n_tokens}
-    if path.suffix == ".safetensors" and path.is_file():
-        texts = _bundled_texts_for(model, path)
-        if texts is None:
-            return tld.token_batches(model, path, **kwargs)
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise BadInputError(f"--data folder '{path}' holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        texts = [p.read_text(errors="replace") for p in files]
-    elif path.is_file():
-        texts = [path.read_text(errors="replace")]
-    else:
-        raise BadInputError(
-            f"--data '{source}': no such file or folder, and no bundled data set of that name in "
-            f"{tld.bundled_data_path(str(source)).parent}"
-        )
-    return _texts_to_batches(model, texts, **kwargs)
-
-
-def _texts_to_batches(model: Any, texts: list[str], *, n_tokens: int | None, **kwargs: Any) -> tld.TokenBatches:
-    """``token_batches`` of texts, tokenising only a prefix of the texts when ``n_tokens`` caps the count.
-
-    The prefix holds 8 characters per wanted token (BPE tokens of code and prose average 3–4), and grows
-    fourfold until it gives ``n_tokens`` counted tokens or holds every text.
-    """
-    budget = None if n_tokens is None else 8 * (n_tokens + 1024)
-    while True:
-        if budget is None or budget >= sum(len(t) for t in texts):
-            return tld.token_batches(model, texts, n_tokens=n_tokens, **kwargs)
-        prefix, left = [], budget
-        for text in texts:
-            prefix.append(text[:left])
-            left -= len(prefix[-1])
-            if left <= 0:
-                break
-        batches = tld.token_batches(model, prefix, n_tokens=n_tokens, **kwargs)
-        if batches.n_counted >= n_tokens:
-            return batches
-        budget *= 4
-
-
-def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
-    """Texts of a bundled token file when ``model`` has another tokenizer than the bundled one, else None."""
-    if path.resolve().parent != tld.bundled_data_path().resolve().parent:
-        return None
-    tokenizer = getattr(model, "tokenizer", None)
-    try:
-        from transformers import AutoTokenizer
-
-        bundled = AutoTokenizer.from_pretrained(str(tld.bundled_model_path()))
-    except (OSError, BadInputError):
-        return None
-    if tokenizer is None or tokenizer.get_vocab() == bundled.get_vocab():
-        return None
-    from safetensors.torch import load_file
-
-    stream = load_file(str(path))["tokens"].long()
-    eot = bundled.eos_token_id
-    cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
-    texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-    return [t for t in texts if t.strip()]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the context shared by the stages of one invocation
 # ---------------------------------------------------------------------------------------------------------
 def _log_stderr(message: str) -> None:
@@ -265,6 +177,11 @@ class RunContext:
     log: Callable[[str], None] = _log_stderr
     timings: dict[str, float] = field(default_factory=dict)
     _data: dict[tuple[int | None, int], tld.TokenBatches] = field(default_factory=dict, repr=False)
+
+    @property
+    def folder(self) -> RunFolder:
+        """Where every artifact of the run lives."""
+        return RunFolder(self.out)
 
     @cached_property
     def device(self) -> str:
@@ -294,7 +211,7 @@ class RunContext:
         key = (n_tokens, batch_size)
         if key not in self._data:
             c = self.config
-            self._data[key] = load_data(self.model, c.data, seq_len=c.seq_len, batch_size=batch_size,
+            self._data[key] = tld.load_data(self.model, c.data, seq_len=c.seq_len, batch_size=batch_size,
                                         n_tokens=n_tokens)
         return self._data[key]
 
@@ -363,7 +280,7 @@ def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
 # markers
 # ---------------------------------------------------------------------------------------------------------
 def _marker_path(out: Path, name: str) -> Path:
-    return out / "stages" / f"{name}.json"
+    return RunFolder(out).marker(name)
 
 
 def read_marker(out: Path, name: str) -> dict[str, Any] | None:
@@ -375,26 +292,6 @@ def read_marker(out: Path, name: str) -> dict[str, Any] | None:
     if not all((out / p).exists() for p in marker.get("outputs", [])):
         return None
     return marker
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename); NaN/inf become null."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(_json_safe(obj), indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -446,8 +343,8 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
         if marker is None or force:
             to_run.append(stage)
             continue
-        settings = _json_safe(stage.settings(config))
-        if _json_safe(marker["settings"]) != settings:
+        settings = json_safe(stage.settings(config))
+        if json_safe(marker["settings"]) != settings:
             raise StageSettingsError(
                 f"stage '{name}' in '{out}' was run with other settings "
                 f"({_differences(marker['settings'], settings)}); pass --force to recompute it, or use another --out"
@@ -509,11 +406,6 @@ def _stats_settings(c: RunConfig) -> dict[str, Any]:
 
 def _check_stats(ctx: RunContext) -> None:
     c = ctx.config
-    if c.jacobian is not None and importlib.util.find_spec("tl_degeneracy.jacobian") is None:
-        raise BadInputError(
-            f"Jacobian statistics (--jacobian {c.jacobian}) are not available in this installation of "
-            f"tl_degeneracy {tld.__version__}; pass --jacobian none (no interaction basis)"
-        )
     tld.resolve_sites(ctx.model, list(c.sites), layers=ctx.layers)
     ctx.data(n_tokens=c.n_tokens, batch_size=c.batch_size)
 
@@ -525,11 +417,8 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     sites = tld.resolve_sites(model, list(c.sites), layers=ctx.layers)
     data = ctx.data(n_tokens=c.n_tokens, batch_size=c.batch_size)
     adapter = tld.ModelAdapter(model)
-    sync = c.sync and importlib.util.find_spec("tl_degeneracy.sync") is not None
-    if c.sync and not sync:
-        ctx.log(f"warning: synchronisation sums are not available in tl_degeneracy {tld.__version__}; "
-                "collecting without them")
-    partial = ctx.out / "stats.partial.safetensors"
+    sync = c.sync
+    partial = ctx.folder.stats_partial
     if partial.exists():
         ctx.log(f"stats: resuming the interrupted pass from {partial}")
     with _forward_warnings(ctx.log):
@@ -539,7 +428,7 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
             progress=ctx.progress,
         )
-    stats.save(ctx.out / "stats.safetensors")
+    stats.save(ctx.folder.stats)
     partial.unlink(missing_ok=True)
     partial.with_suffix(".json").unlink(missing_ok=True)
     return ["stats.safetensors", "stats.json"], {"n_tokens": stats.n_tokens, "sites": stats.sites,
@@ -552,13 +441,13 @@ def _basis_settings(c: RunConfig) -> dict[str, Any]:
 
 def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
-    stats = tld.Stats.load(ctx.out / "stats.safetensors")
+    stats = tld.Stats.load(ctx.folder.stats)
     if not (stats.meta.get("jacobian") or {}).get("metric"):
         raise BadInputError(
-            f"'{ctx.out / 'stats.safetensors'}' holds no Jacobian statistics (collected with --jacobian none); "
+            f"'{ctx.folder.stats}' holds no Jacobian statistics (collected with --jacobian none); "
             "the interaction basis needs them: re-run the stats stage with --jacobian kl --force"
         )
-    folder = ctx.out / "bases"
+    folder = ctx.folder.bases
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*"):
         old.unlink()
@@ -568,8 +457,8 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):
-            path = basis.save(folder / f"{site}.{kind}")
-            outputs += [str(path.relative_to(ctx.out)), str(path.with_suffix(".json").relative_to(ctx.out))]
+            path = basis.save(ctx.folder.basis(site, kind))
+            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
         summary[site] = {"d": ib.input_dim, "rank_G": ib.rank_G, "dim": ib.dim, "pca_dim": pcas[site].dim}
     return outputs, summary
 
@@ -580,36 +469,32 @@ def _sync_settings(c: RunConfig) -> dict[str, Any]:
 
 def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
-    stats = tld.Stats.load(ctx.out / "stats.safetensors")
-    components = stats.meta.get("components", {})
+    stats = tld.Stats.load(ctx.folder.stats)
     if not (stats.meta.get("head_sync") or stats.meta.get("neuron_sync")):
         raise BadInputError(
-            f"'{ctx.out / 'stats.safetensors'}' holds no synchronisation sums; "
+            f"'{ctx.folder.stats}' holds no synchronisation sums; "
             "re-run the stats stage with --sync --force"
         )
-    folder = ctx.out / "sync"
+    folder = ctx.folder.sync
     folder.mkdir(exist_ok=True)
     for old in folder.glob("*"):
         old.unlink()
     summary: dict[str, Any] = {"measure": c.sync_measure, "tau_heads": c.tau_heads,
                                "tau_neurons": c.tau_neurons, "layers": {}}
     outputs = []
-    parts = (("heads", "HeadSyncSums", tld.head_sync, c.tau_heads),
-             ("neurons", "NeuronSyncSums", tld.neuron_sync, c.tau_neurons))
-    for kind, component, analyse, tau in parts:
-        if not stats.meta.get(f"{kind[:-1]}_sync"):
-            continue
-        for layer in components.get(component, {}).get("layers", []):
+    parts = (("heads", "head", tld.head_sync, c.tau_heads), ("neurons", "neuron", tld.neuron_sync, c.tau_neurons))
+    for kind, unit, analyse, tau in parts:
+        for layer in stats.sync_layers(unit):
             result = analyse(stats, layer)
-            path = result.save(folder / f"{kind}.layer{layer}")
-            outputs += [str(path.relative_to(ctx.out)), str(path.with_suffix(".json").relative_to(ctx.out))]
+            path = result.save(ctx.folder.sync_result(kind, layer))
+            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
             summary["layers"].setdefault(str(layer), {})[kind] = {
                 "n_units": result.n_units,
                 "dof": result.dof(tau, measure=c.sync_measure).to_dict(),
                 "sweep": result.sweep(measure=c.sync_measure, dof=False).to_dict(),
             }
-    write_json(folder / "summary.json", summary)
-    outputs.append("sync/summary.json")
+    write_json(ctx.folder.sync_summary, summary)
+    outputs.append(ctx.folder.relative(ctx.folder.sync_summary))
     brief = {layer: {k: len(v["dof"]["blocks"]) for k, v in parts_.items()}
              for layer, parts_ in summary["layers"].items()}
     return outputs, {"blocks": brief}
@@ -634,11 +519,9 @@ def _llc_settings(c: RunConfig) -> dict[str, Any]:
 
 
 def _check_llc(ctx: RunContext) -> None:
-    from tl_degeneracy.model import parameter_masks
-
     for sel in llc_selections(ctx.config.llc_params, ctx.layers):
         if sel != "all":
-            parameter_masks(ctx.model, sel)
+            tld.parameter_masks(ctx.model, sel)
     ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
 
 
@@ -646,7 +529,7 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    folder = ctx.out / "llc"
+    folder = ctx.folder.llc
     if folder.exists():
         shutil.rmtree(folder)
     options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
@@ -658,18 +541,19 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
             results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
                                             **options)
-            results[sel].save(folder / sel)
+            results[sel].save(ctx.folder.llc_result(sel))
         # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
         # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
         nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
         ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
         sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
                                     scale_step_size=True, params="all", **options)
-    sweep.save(folder / "scale")
-    write_json(folder / "summary.json", {"loss": "kl", "selections": {sel: sel for sel in results},
+    sweep.save(ctx.folder.llc_scale)
+    write_json(ctx.folder.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
                                          "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
-    outputs = [f"llc/{sel}/llc.{ext}" for sel in results for ext in ("json", "safetensors")]
-    outputs += ["llc/scale/sweep.json", "llc/summary.json"]
+    outputs = [ctx.folder.relative(ctx.folder.llc_result(sel) / f"llc.{ext}") for sel in results
+               for ext in ("json", "safetensors")]
+    outputs += [ctx.folder.relative(ctx.folder.llc_scale / "sweep.json"), ctx.folder.relative(ctx.folder.llc_summary)]
     brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
     brief["scale"] = sweep.rows()
     return outputs, brief
@@ -680,10 +564,10 @@ def _report_settings(c: RunConfig) -> dict[str, Any]:
 
 
 def _run_report(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
-    from tl_degeneracy import report
+    from tl_degeneracy.run import report
 
     path = report.write_report(ctx.out)
-    return [str(path.relative_to(ctx.out))], {}
+    return [ctx.folder.relative(path)], {}
 
 
 register(Stage("stats", "stream activation, Jacobian and synchronisation statistics (checkpointed)",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -43,8 +42,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tl_degeneracy.basis import InteractionBasis
+from tl_degeneracy._io import atomic_write, read_json, tensor_path
+from tl_degeneracy.analysis.basis import InteractionBasis
+from tl_degeneracy.analysis.sync import HeadSync
 from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.llc import LLCResult, LLCScaleSweep
+from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.sites import SITE_KINDS, site_kind, site_layer
 
 __all__ = [
@@ -98,7 +101,7 @@ class RunResults:
         bases: site -> interaction :class:`~tl_degeneracy.basis.InteractionBasis`.
         pca: site -> PCA basis (same class, ``kind="pca"``).
         sync: the sync stage's ``summary.json`` (τ, measure, per layer: blocks, degrees of freedom, sweeps).
-        head_sync: layer -> :class:`~tl_degeneracy.sync.HeadSync` read back from ``sync/heads.layer{l}``.
+        head_sync: layer -> :class:`~tl_degeneracy.analysis.sync.HeadSync` read back from ``sync/heads.layer{l}``.
         llc: parameter selection ("all", "blocks.0", ...) -> :class:`~tl_degeneracy.llc.LLCResult`.
         llc_scale: the scale sweep (``LLCScaleSweep.results``), one LLCResult per nβ, ascending nβ.
         stats_meta: metadata of the streamed statistics (model, data, sites, settings).
@@ -139,40 +142,32 @@ def sort_sites(names: Sequence[str] | set[str]) -> list[str]:
 
 def load_results(folder: str | os.PathLike) -> RunResults:
     """Read every saved result of a run folder (see the module docstring for the layout)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise BadInputError(f"run folder '{root}' does not exist")
-    res = RunResults(folder=root)
-    if (root / "stats.json").is_file():
-        res.stats_meta = json.loads((root / "stats.json").read_text())
-    if (root / "run.json").is_file():
-        res.run = json.loads((root / "run.json").read_text())
-    for path in sorted((root / "stages").glob("*.json")):
-        res.stages[path.stem] = json.loads(path.read_text())
-    bases_dir = root / "bases"
-    for path in sorted(bases_dir.glob("*.interaction.safetensors")):
-        res.bases[path.name.removesuffix(".interaction.safetensors")] = InteractionBasis.load(path)
-    for path in sorted(bases_dir.glob("*.pca.safetensors")):
-        res.pca[path.name.removesuffix(".pca.safetensors")] = InteractionBasis.load(path)
-    sync_dir = root / "sync"
-    if (sync_dir / "summary.json").is_file():
-        from tl_degeneracy.sync import HeadSync
-
-        res.sync = json.loads((sync_dir / "summary.json").read_text())
+    run = RunFolder(folder)
+    if not run.root.is_dir():
+        raise BadInputError(f"run folder '{run.root}' does not exist")
+    res = RunResults(folder=run.root)
+    if run.stats_json.is_file():
+        res.stats_meta = read_json(run.stats_json)
+    if run.run_json.is_file():
+        res.run = read_json(run.run_json)
+    for path in sorted(run.markers.glob("*.json")):
+        res.stages[path.stem] = read_json(path)
+    for site, path in run.saved_bases("interaction").items():
+        res.bases[site] = InteractionBasis.load(path)
+    for site, path in run.saved_bases("pca").items():
+        res.pca[site] = InteractionBasis.load(path)
+    if run.sync_summary.is_file():
+        res.sync = read_json(run.sync_summary)
         for layer in res.sync.get("layers", {}):
-            path = sync_dir / f"heads.layer{layer}.safetensors"
+            path = tensor_path(run.sync_result("heads", layer))
             if path.is_file():
                 res.head_sync[int(layer)] = HeadSync.load(path)
-    llc_dir = root / "llc"
-    if (llc_dir / "summary.json").is_file():
-        from tl_degeneracy.behavioral import LLCScaleSweep
-        from tl_degeneracy.llc import LLCResult
-
-        summary = json.loads((llc_dir / "summary.json").read_text())
+    if run.llc_summary.is_file():
+        summary = read_json(run.llc_summary)
         for selection, sub in summary.get("selections", {}).items():
-            res.llc[selection] = LLCResult.load(llc_dir / sub)
+            res.llc[selection] = LLCResult.load(run.llc / sub)
         if summary.get("scale"):
-            res.llc_scale = sorted(LLCScaleSweep.load(llc_dir / summary["scale"]).results, key=lambda r: r.nbeta)
+            res.llc_scale = sorted(LLCScaleSweep.load(run.llc / summary["scale"]).results, key=lambda r: r.nbeta)
     return res
 
 
@@ -238,10 +233,11 @@ def write_summary(rows: Sequence[Mapping[str, Any]], folder: str | os.PathLike) 
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
-    csv_path, md_path = folder / "summary.csv", folder / "summary.md"
-    csv_path.write_text(buf.getvalue())
-    md_path.write_text(summary_markdown(rows))
-    return csv_path, md_path
+    run = RunFolder(folder)
+    text = buf.getvalue()
+    atomic_write(run.summary_csv, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(run.summary_md, lambda tmp: Path(tmp).write_text(summary_markdown(rows)))
+    return run.summary_csv, run.summary_md
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,7 +393,7 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 def plot_head_sync(head_syncs: Mapping[int, Any], *, measure: str = "distance", tau: float | None = None) -> Figure:
     """Heat maps of the distance between every pair of heads, one per layer (paper §3.2, SPEC §4).
 
-    ``head_syncs``: layer -> :class:`~tl_degeneracy.sync.HeadSync` (what :func:`tl_degeneracy.head_sync`
+    ``head_syncs``: layer -> :class:`~tl_degeneracy.analysis.sync.HeadSync` (what :func:`tl_degeneracy.head_sync`
     returns), drawn with its ``measure`` matrix (``"distance"``, ``"normalized_distance"``, ...); or
     layer -> a plain [H, H] matrix. With ``tau`` each title gives the number of synchronised blocks
     (``HeadSync.blocks(tau, measure=measure)``). Cells carry their values when there are at most 8 heads.
@@ -548,9 +544,7 @@ def plot_llc_scale(results: Any) -> Figure:
 # the whole report
 # ---------------------------------------------------------------------------------------------------------
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, format="png"))
 
 
 def write_report(folder: str | os.PathLike) -> Path:
@@ -564,8 +558,9 @@ def write_report(folder: str | os.PathLike) -> Path:
         raise BadInputError(
             f"'{res.folder}' holds no tl-degeneracy results; run `tl-degeneracy run --out {res.folder}` first"
         )
-    root, plots = res.folder, res.folder / "plots"
-    for old in plots.glob("*.png"):
+    run = RunFolder(res.folder)
+    root = run.root
+    for old in run.plots.glob("*.png"):
         old.unlink()
     rows = summary_rows(res)
     write_summary(rows, root)
@@ -574,9 +569,9 @@ def write_report(folder: str | os.PathLike) -> Path:
 
     sections: list[str] = []
     if res.bases:
-        _save(plot_spectra(res.bases, res.pca or None), plots / "spectra.png")
-        _save(plot_dims(res.bases, res.pca or None), plots / "dims.png")
-        _save(plot_dim_curves(res.bases, eps_hat=eps_hat), plots / "dim_vs_eps.png")
+        _save(plot_spectra(res.bases, res.pca or None), run.plot("spectra"))
+        _save(plot_dims(res.bases, res.pca or None), run.plot("dims"))
+        _save(plot_dim_curves(res.bases, eps_hat=eps_hat), run.plot("dim_vs_eps"))
         ib = next(iter(res.bases.values()))
         sections.append(
             "## Interaction basis (paper §6)\n\n"
@@ -601,8 +596,8 @@ def write_report(folder: str | os.PathLike) -> Path:
     if res.sync:
         if res.head_sync:
             _save(plot_head_sync(res.head_sync, measure=res.sync.get("measure", "distance"),
-                                 tau=res.sync.get("tau_heads")), plots / "head_sync.png")
-        _save(plot_sync_sweeps(res.sync), plots / "sync_sweep.png")
+                                 tau=res.sync.get("tau_heads")), run.plot("head_sync"))
+        _save(plot_sync_sweeps(res.sync), run.plot("sync_sweep"))
         sections.append(
             "## Synchronisation (paper §3.2)\n\n"
             + ("![head synchronisation](plots/head_sync.png)\n\n" if res.head_sync else "")
@@ -619,7 +614,7 @@ def write_report(folder: str | os.PathLike) -> Path:
             "nonlinear operations, hence more degeneracy.\n"
         )
     if res.llc:
-        _save(plot_llc_traces(res.llc), plots / "llc_traces.png")
+        _save(plot_llc_traces(res.llc), run.plot("llc_traces"))
         sections.append(
             "## Behavioral local learning coefficient (paper §2)\n\n"
             "![LLC traces](plots/llc_traces.png)\n\n"
@@ -630,7 +625,7 @@ def write_report(folder: str | os.PathLike) -> Path:
             + _llc_settings_sentence(res.llc) + "\n"
         )
     if res.llc_scale:
-        _save(plot_llc_scale(res.llc_scale), plots / "llc_scale.png")
+        _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
         sections.append(
             "![lambda and N_eff against epsilon](plots/llc_scale.png)\n\n"
             "The same estimate at several inverse temperatures nβ, plotted against the loss scale ε̂ each one "
@@ -655,9 +650,7 @@ def write_report(folder: str | os.PathLike) -> Path:
              "LLC columns belong to the site's layer and repeat; the LLC is that of the layer's parameters "
              f"(`blocks.l`) with its loss scale ε̂.{sync_note} Also in [summary.csv](summary.csv).\n\n"
              f"{summary_markdown(rows)}\n{body}{note}")
-    path = root / "index.md"
-    path.write_text(index)
-    return path
+    return atomic_write(run.index, lambda tmp: Path(tmp).write_text(index))
 
 
 def _llc_settings_sentence(results: Mapping[str, Any]) -> str:

@@ -1,0 +1,140 @@
+"""The one writer and reader of result files: safetensors + JSON, atomic, never pickle.
+
+Every result type (statistics, bases, synchronisation results, LLC results, sweeps, run-folder markers and
+summaries) writes through :func:`save_tensors` / :func:`write_json` and reads through :func:`load_tensors` /
+:func:`read_json`. A write goes to a temporary file in the target's folder, is flushed to disk (``fsync``)
+and renamed into place, so a reader sees the old file or the new one, never half of one.
+
+Format tags: a tensor file carries its JSON metadata under one header key (``tl_degeneracy`` for new files;
+readers accept the older keys they name), and that JSON has ``"format"`` (the result type, e.g.
+``"tl_degeneracy.InteractionBasis"``) and ``"version"`` (an integer) where the type defines them.
+
+Example::
+
+    save_tensors("out/x.safetensors", {"a": torch.ones(2)}, {"format": "demo", "version": 1})
+    tensors, meta = load_tensors("out/x.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tl_degeneracy.errors import BadInputError
+
+#: header key of the JSON metadata in every tensor file written by this library
+META_KEY = "tl_degeneracy"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, fsync it, then rename it onto ``path``.
+
+    The parent folder is created; on any failure (including KeyboardInterrupt) the temporary file is removed
+    and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON values: tensors become lists, tuples lists, NaN/inf floats ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.tolist())
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1, sort_keys: bool = False,
+               nan_to_null: bool = True) -> Path:
+    """Write ``obj`` as JSON atomically. ``nan_to_null``: NaN/inf become null (strict JSON, for files other
+    tools read); otherwise they are written as Python's ``NaN``/``Infinity`` and read back as floats."""
+    text = json.dumps(json_safe(obj) if nan_to_null else obj, indent=indent, sort_keys=sort_keys) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())
+
+
+def tensor_path(path: str | os.PathLike) -> Path:
+    """``path`` with a ``.safetensors`` suffix appended when it has none."""
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None, *,
+    sidecar: bool = True, header_key: str = META_KEY, sort_keys: bool = True,
+) -> Path:
+    """Write ``tensors`` (moved to CPU, contiguous) to ``path`` with ``meta`` as JSON in the header and, with
+    ``sidecar``, in a readable ``.json`` beside it; both atomically. Returns the tensor file's path."""
+    path = tensor_path(path)
+    cpu: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        cpu[k] = t.clone() if ptr in storages else t  # safetensors refuses tensors sharing memory
+        storages.add(ptr)
+    header = None
+    text = None
+    if meta is not None:
+        text = json.dumps(meta, indent=1, sort_keys=sort_keys)
+        header = {header_key: text}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=header))
+    if sidecar and text is not None:
+        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path
+
+
+def load_tensors(
+    path: str | os.PathLike, *, header_keys: Sequence[str] = (META_KEY,), device: str | torch.device = "cpu",
+    what: str = "tl_degeneracy file",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read a tensor file: its tensors and the JSON metadata under the first of ``header_keys`` present
+    (``None`` when the header has none of them). ``path`` may omit the ``.safetensors`` suffix."""
+    p = Path(path)
+    if not p.exists() and tensor_path(p).exists():
+        p = tensor_path(p)
+    if not p.is_file():
+        raise BadInputError(f"no {what} at '{p}'")
+    with safe_open(str(p), framework="pt", device=str(device)) as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in header_keys:
+        if key in header:
+            return tensors, json.loads(header[key])
+    return tensors, None

@@ -1,0 +1,178 @@
+"""``collect``: one streaming pass over token data that fills a :class:`~tl_degeneracy.stats.Stats` (SPEC §1, §2, §4).
+
+The pass is built from *components*, each streaming one kind of statistic through hooks:
+activation moments (always), output-Jacobian statistics (``jacobian=``), head and neuron synchronisation
+sums (``head_sync=``, ``neuron_sync=``). Every component writes *per-batch increments* (sums over the
+batch's counted tokens) into a scratch dict; only when the whole batch finished cleanly are they checked
+for NaN/inf and added to the float64 totals. A failing batch is therefore never added, and a checkpoint on
+disk is only ever replaced by a complete, consistent one.
+
+Example::
+
+    data = tld.token_batches(model, "stdlib-heldout", seq_len=128, batch_size=16, n_tokens=20_000)
+    stats = tld.collect(model, data, sites=tld.resolve_sites(model, ["resid_pre", "mlp_post"]))
+    stats.gram("blocks.0.hook_resid_pre")
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_degeneracy._version import __version__
+from tl_degeneracy.adapter import ModelAdapter, as_adapter
+from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
+from tl_degeneracy.collection.engine import Component, run_pass
+from tl_degeneracy.collection.jacobian import JacobianMoments
+from tl_degeneracy.collection.memory import available_bytes, plan_memory
+from tl_degeneracy.data import TokenBatches
+from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.sites import check_layers, resolve_sites
+from tl_degeneracy.stats import Stats
+
+
+def _components(
+    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int,
+    precision: str, head_layers: Sequence[int], neuron_layers: Sequence[int],
+) -> list[Component]:
+    comps: list[Component] = [ActivationMoments(sites)]
+    if jacobian is not None and sites:
+        comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes))
+    if head_layers:
+        comps.append(HeadSyncSums(adapter, list(head_layers)))
+    if neuron_layers:
+        comps.append(NeuronSyncSums(adapter, list(neuron_layers)))
+    return comps
+
+
+
+def collect(
+    model: Any,
+    data: TokenBatches,
+    *,
+    sites: Sequence[str] | str = (),
+    jacobian: str | None = None,
+    estimator: str = "probe",
+    n_probes: int = 1,
+    seed: int = 0,
+    head_sync: bool = False,
+    neuron_sync: bool = False,
+    sync_layers: Sequence[int] | None = None,
+    precision: str = "accurate",
+    memory_budget: float | str | None = "auto",
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+) -> Stats:
+    """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
+
+    Per site: n, s = Σ_t a_t and S = Σ_t a_t a_tᵀ over counted tokens (SPEC §1), totals in float64. With
+    ``jacobian="kl" | "mse"``: Σ_t g_t g_tᵀ with E[g gᵀ] = J_tᵀ F J_t (SPEC §2), K = ``n_probes`` backward
+    passes per batch for all sites together. The model runs in eval mode with frozen parameters (no weight
+    gradient is ever computed); its mode, ``requires_grad`` flags and the user's own hooks are restored
+    afterwards, also after an exception.
+
+    ``precision="accurate"`` (default): float32 model and products with TF32 off. ``"fast"``: the forward and
+    backward under bfloat16 autocast and Gram products of bfloat16 inputs with float32 output; totals stay
+    float64 (see benchmarks/RESULTS.md for its measured noise floor).
+
+    ``memory_budget``: ``"auto"`` plans against the device's free memory, a number of bytes simulates a
+    budget, ``None`` plans nothing. A plan that does not fit splits the statistics over several passes over
+    the data (same probes in each, so the totals equal one pass) and may lower the batch size; it warns and
+    records the plan in ``stats.meta["memory_plan"]``.
+
+    ``checkpoint``: a ``.safetensors`` path rewritten atomically every ``checkpoint_every`` batches and at the
+    end; ``resume=True`` continues from it (same model, sites, settings and data, else
+    :class:`IncompatibleStatsError`), giving the same totals as an uninterrupted run.
+    """
+    adapter = as_adapter(model)
+    if not isinstance(data, TokenBatches):
+        raise BadInputError("data must come from tld.token_batches(model, source, ...)")
+    data.validate_for(adapter)
+    site_list = list(sites) if not isinstance(sites, str) else [sites] if sites else []
+    if site_list or not (head_sync or neuron_sync):  # synchronisation alone needs no vector site
+        site_list = resolve_sites(adapter, sites)
+    if jacobian not in (None, "kl", "mse"):
+        raise BadInputError(f"jacobian must be None, 'kl' or 'mse', got {jacobian!r}")
+    if estimator not in ("probe", "exact"):
+        raise BadInputError(f"estimator must be 'probe' or 'exact', got {estimator!r}")
+    if precision not in ("accurate", "fast"):
+        raise BadInputError(f"precision must be 'accurate' or 'fast', got {precision!r}")
+    if n_probes < 1:
+        raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
+    if checkpoint_every < 1:
+        raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint is None:
+        raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
+        adapter, sync_layers, what="sync_layers", sort=False)
+    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
+    comps = _components(adapter, site_list, head_layers=layers if head_sync else [],
+                        neuron_layers=layers if neuron_sync else [], **settings)
+    adapter.check_hooks([n for c in comps for n in c.hook_names()])
+
+    plan = plan_memory(adapter, site_list, batch_size=data.batch_size, seq_len=data.seq_len,
+                       jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
+                       neuron_sync_layers=layers if neuron_sync else (), precision=precision,
+                       budget_bytes=_budget(memory_budget, adapter.device))
+    if plan.notes:
+        warnings.warn(plan.describe(), stacklevel=2)
+    if plan.batch_size != data.batch_size:
+        data = TokenBatches(data.tokens, data.mask, plan.batch_size, data.description)
+
+    meta = {
+        "model": adapter.describe(),
+        "sites": site_list,
+        "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
+                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None},
+        "head_sync": layers if head_sync else False,
+        "neuron_sync": layers if neuron_sync else False,
+        "components": {c.meta_key: c.meta() for c in comps},
+        "data": data.describe(),
+        "library_version": __version__,
+        "precision": precision,
+        "accumulator_dtype": "float64",
+        "product_dtype": "float32 (TF32 off)" if precision == "accurate" else "bfloat16 inputs, float32 output",
+        "seed": seed,
+        "memory_plan": plan.to_dict(),
+    }
+    parts = []
+    for i, group in enumerate(plan.passes):
+        g_sites = [u.site for u in group if u.site is not None]
+        g_comps = comps if plan.n_passes == 1 else _components(
+            adapter, g_sites, head_layers=[u.head_layer for u in group if u.head_layer is not None],
+            neuron_layers=[u.neuron_layer for u in group if u.neuron_layer is not None], **settings)
+        g_meta = meta if plan.n_passes == 1 else {**meta, "sites": g_sites, "pass": [i, plan.n_passes],
+                                                  "components": {c.meta_key: c.meta() for c in g_comps}}
+        g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)
+        desc = "collect" if plan.n_passes == 1 else f"collect pass {i + 1}/{plan.n_passes}"
+        parts.append(run_pass(adapter, data, g_comps, g_meta, seed=seed, precision=precision, checkpoint=g_ckpt,
+                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc))
+    if plan.n_passes == 1:
+        return parts[0]
+    stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
+        **meta, "n_tokens": parts[0].n_tokens, "batches_done": parts[0].meta["batches_done"],
+        "seconds": sum(p.meta["seconds"] for p in parts)})
+    if checkpoint is not None:
+        stats.save(checkpoint)
+    return stats
+
+
+def _budget(memory_budget: float | str | None, device: torch.device) -> float | None:
+    if memory_budget is None:
+        return None
+    if memory_budget == "auto":
+        return float(available_bytes(device))
+    if isinstance(memory_budget, str) or memory_budget <= 0:
+        raise BadInputError(f"memory_budget must be 'auto', None or a positive number of bytes, got {memory_budget!r}")
+    return float(memory_budget)
+
+
+def _pass_path(checkpoint: Path, i: int) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.pass{i}.safetensors")
+

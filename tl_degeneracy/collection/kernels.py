@@ -1,0 +1,152 @@
+"""Pure per-batch kernels of the collection passes: tensors in, increments out (no hooks, no model).
+
+- :func:`gram_increment`: xᵀx of one batch's rows (SPEC §1, §2);
+- :func:`head_sync_increments`, :func:`neuron_sync_increments`, :func:`gates`: the synchronisation sums of
+  paper §3.2 (eq. 17–22; SPEC §4), documented in :mod:`tl_degeneracy.collection.sync`.
+
+Example::
+
+    x = torch.randn(100, 8)
+    gram_increment(x)                     # x.T @ x in float32, to be added to float64 totals
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+
+from tl_degeneracy.errors import BadInputError
+
+#: gate r_i = f_i / p_i at an exact zero p_i = 0 (eq. 17), the limit φ'(0) of each elementwise activation.
+#: ReLU takes 1 (the paper's eq. 17 convention; its left limit would be 0); GELU variants and SiLU take
+#: φ'(0) = ½; relu2 (ReLU(x)²) takes 0.
+GATE_AT_ZERO: dict[str, float] = {
+    "relu": 1.0,
+    "gelu": 0.5,
+    "gelu_new": 0.5,
+    "gelu_fast": 0.5,
+    "gelu_pytorch_tanh": 0.5,
+    "silu": 0.5,
+    "swish": 0.5,
+    "relu2": 0.0,
+}
+
+def gate_at_zero(act_fn: str | None) -> float:
+    """The gate value r(0) used where a preactivation is exactly zero (see :data:`GATE_AT_ZERO`)."""
+    if act_fn not in GATE_AT_ZERO:
+        raise BadInputError(
+            f"neuron synchronisation needs an elementwise activation f = φ(p) with a known gate at p = 0; "
+            f"the model's act_fn is {act_fn!r}. Supported: {', '.join(GATE_AT_ZERO)}"
+        )
+    return GATE_AT_ZERO[act_fn]
+
+
+
+def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
+    """xᵀx of one batch's rows with float32 output; callers add it to float64 totals.
+
+    Accurate: float32 inputs and products (TF32 is off during :func:`collect`). Fast: bfloat16 inputs with
+    float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere the same
+    numbers by rounding the inputs to bfloat16 and multiplying in float32). Autocast is off inside, so the
+    output is never rounded to bfloat16.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if not fast:
+            x = x.float()
+            return x.T @ x
+        xb = x.to(torch.bfloat16)
+        if xb.is_cuda:
+            return torch.mm(xb.T, xb, out_dtype=torch.float32)
+        xf = xb.float()
+        return xf.T @ xf
+
+
+
+def head_sync_increments(
+    pattern: Float[torch.Tensor, "batch head q k"],
+    v: Float[torch.Tensor, "batch k kv_head d_head"],
+    mask: Bool[torch.Tensor, "batch q"],
+) -> dict[str, torch.Tensor]:
+    """One batch's head-synchronisation sums over counted query tokens (SPEC §4).
+
+    With a = A_h[q, :] and V_h [k, d_head] the head's value vectors in the same sequence:
+
+    - ``pattern_gram`` [h, h'] = Σ_q ⟨A_h[q], A_h'[q]⟩ (float64), so Σ‖A_h − A_h'‖² = G_hh + G_h'h' − 2 G_hh';
+    - ``value_err`` [h, h'] = Σ_q ‖(A_h[q] − A_h'[q]) V_h‖², the output error of moving head h's values into
+      head h' (directed; squares of the differences summed in float32, so synchronised heads give zeros
+      rather than a cancellation of large terms);
+    - ``value_sq`` [h] = Σ_q ‖A_h[q] V_h‖²;
+    - ``value_outer`` = Σ_k v_k v_kᵀ over attended keys, v_k = concat_h V_h[k] (H·d_head), and ``n_keys``.
+
+    Grouped-query models (fewer value heads than heads) have their value heads repeated to one per head.
+    """
+    b, n_heads, t_q, t_k = pattern.shape
+    vals = v.float()
+    if vals.shape[2] != n_heads:
+        vals = vals.repeat_interleave(n_heads // vals.shape[2], dim=2)
+    d_head = vals.shape[-1]
+    mask = mask.to(pattern.device)
+    # zero the rows of uncounted queries: they then add nothing to any sum below (no gathers needed)
+    a = pattern.float() * mask[:, None, :, None]
+    flat = a.double().transpose(0, 1).reshape(n_heads, -1)
+    pattern_gram = flat @ flat.T
+    # Z[b, g, q, h] = A_g[q] V_h: head g's pattern applied to head h's values, one batched product
+    z = torch.matmul(a.reshape(b, n_heads * t_q, t_k), vals.reshape(b, t_k, n_heads * d_head))
+    z = z.view(b, n_heads, t_q, n_heads, d_head)
+    own = z.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # [B, h, q, d] = A_h V_h, own output
+    err = (z - own.permute(0, 2, 1, 3).unsqueeze(1)).square_().sum(dim=(0, 2, 4))  # [g, h]
+    attended = a.amax(dim=(1, 2)) > 0  # [B, Tk]: keys some counted query attends to
+    keys = vals[attended].reshape(-1, n_heads * d_head)
+    return {
+        "n": mask.sum().to(torch.int64),
+        "pattern_gram": pattern_gram,
+        "value_err": err.T.double(),
+        "value_sq": own.square().sum(dim=(0, 2, 3)).double(),
+        "value_outer": gram_increment(keys),
+        "n_keys": torch.tensor(keys.shape[0], dtype=torch.int64, device=a.device),
+    }
+
+
+def gates(
+    pre: Float[torch.Tensor, "n d_mlp"], post: Float[torch.Tensor, "n d_mlp"], at_zero: float
+) -> Float[torch.Tensor, "n d_mlp"]:
+    """r = f / p elementwise (eq. 17), ``at_zero`` where p = 0 exactly (never NaN)."""
+    nonzero = pre != 0
+    return torch.where(nonzero, post / torch.where(nonzero, pre, torch.ones_like(pre)), at_zero)
+
+
+def neuron_sync_increments(
+    pre: Float[torch.Tensor, "batch pos d_mlp"],
+    post: Float[torch.Tensor, "batch pos d_mlp"],
+    mask: Bool[torch.Tensor, "batch pos"],
+    at_zero: float,
+    *,
+    binary_gates: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One batch's neuron-synchronisation sums over counted tokens (eq. 17, 20; SPEC §4).
+
+    The directed mixing error expands as ((r_j − r_i) p_i)² = p_i² r_j² − 2 f_i p_i r_j + f_i² (f_i = r_i p_i),
+    so with P2 = p², R = r, R2 = r², F = f over the batch's tokens [n, d_mlp]:
+
+        n · E[i→j] = (P2ᵀ R2 − 2 (F ∘ P)ᵀ R)[i, j] + Σ_t f_i²
+
+    — two d_mlp×d_mlp products (``cross``) and a vector (``f_sq``); plus the preactivation Gram
+    ``pre_outer`` = Pᵀ P for the block ranks s_a (eq. 21). ``binary_gates=True`` (ReLU: r ∈ {0, 1}, so
+    r² = r) needs one product for ``cross`` instead of two.
+    """
+    mask = mask.to(pre.device)
+    p = pre[mask].float()
+    f = post[mask].float()
+    r = gates(p, f, at_zero)
+    if binary_gates:  # r ∈ {0, 1} so r² = r: one product, P2ᵀR2 − 2(F∘P)ᵀR = (P2 ∘ (1 − 2R))ᵀ R
+        cross = (p * p * (1.0 - 2.0 * r)).T @ r
+    else:
+        cross = (p * p).T @ (r * r)
+        cross.addmm_((f * p).T, r, alpha=-2.0)
+    return {
+        "n": torch.tensor(p.shape[0], dtype=torch.int64, device=p.device),
+        "cross": cross,
+        "f_sq": f.double().square().sum(0),
+        "pre_outer": gram_increment(p),
+    }
+
