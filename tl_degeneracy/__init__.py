@@ -29,6 +29,7 @@ from tl_degeneracy.analysis import (
     neuron_sync,
     pca_basis,
 )
+from tl_degeneracy.analysis.graph import InteractionGraph, Modules, find_modules
 from tl_degeneracy.collection import MemoryPlan, collect, plan_memory
 from tl_degeneracy.data import (
     TokenBatch,
@@ -47,10 +48,16 @@ from tl_degeneracy.errors import (
     UnknownHookError,
 )
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
+from tl_degeneracy.run.graph import interaction_graph, local_interaction_bases
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
 __all__ = [
+    "local_interaction_bases",
+    "interaction_graph",
+    "find_modules",
+    "Modules",
+    "InteractionGraph",
     "SITE_KINDS",
     "BadInputError",
     "HeadSync",

@@ -1,0 +1,360 @@
+"""The interaction graph (issue 19): local interaction basis, edges between consecutive sites, modules.
+
+References are slow and obvious: a float64 model, ``torch.func.jacrev`` of the hooked map a → b (or of the
+definition's F(α)) over the whole batch, explicit sums over positions, numpy's Gauss–Legendre nodes.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, TL_MAJOR, make_tiny_model, random_tokens
+
+import tl_degeneracy as tld
+from tl_degeneracy.collection.lib import local_jacobian_gram
+
+pytestmark = pytest.mark.tl3
+
+ATTN = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid")  # across attention: cross-position terms
+MLP = ("blocks.0.mlp.hook_pre", "blocks.0.hook_resid_post")  # across the MLP's nonlinearity and W_out
+CHAIN = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post"]
+
+
+def _data(model, rows=3, seq=6, seed=0):
+    tokens = random_tokens(rows, seq, seed=seed)
+    mask = torch.ones(rows, seq, dtype=torch.bool)
+    mask[0, -2:] = False  # right padding: positions that neither count nor move
+    return tld.token_batches(model, tokens, batch_size=2, attention_mask=mask)
+
+
+def _model64(**kw):
+    return make_tiny_model(**kw).to(torch.float64)
+
+
+def _random_basis(d, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(k, d, generator=g, dtype=torch.float64) / d**0.5
+    return types.SimpleNamespace(C=C, C_pinv=torch.linalg.pinv(C), mean=torch.randn(d, generator=g,
+                                 dtype=torch.float64) * 0.1, lambdas=torch.ones(k, dtype=torch.float64), kind="test")
+
+
+def _b_of_a(model, tokens, site_a, site_b):
+    """The map (whole activation tensor at A) → activation at B, through plain model hooks (reference)."""
+    def fn(a_new):
+        box = {}
+
+        def put(act, hook):
+            return a_new
+
+        def grab(act, hook):
+            box["b"] = act
+
+        with model.hooks(fwd_hooks=[(site_a, put), (site_b, grab)]):
+            model(tokens)
+        return box["b"]
+
+    return fn
+
+
+def _act(model, tokens, site):
+    box = {}
+    with model.hooks(fwd_hooks=[(site, lambda act, hook: box.__setitem__("a", act.detach()))]):
+        model(tokens)
+    return box["a"]
+
+
+def _reference_M(model, data, site_a, site_b, C_B):
+    """(1/N) Σ_b Σ_t Σ_t' J(t',t)ᵀ C_Bᵀ C_B J(t',t) over counted t, t', with a full jacrev per batch."""
+    M, N = 0.0, 0
+    for batch in data:
+        a = _act(model, batch.tokens, site_a)
+        J = torch.func.jacrev(_b_of_a(model, batch.tokens, site_a, site_b))(a)  # [B,T,dB,B,T,dA]
+        for s in range(a.shape[0]):
+            for t in batch.mask[s].nonzero().flatten().tolist():
+                for tp in batch.mask[s].nonzero().flatten().tolist():
+                    CJ = C_B @ J[s, tp, :, s, t, :]
+                    M = M + CJ.T @ CJ
+        N += int(batch.mask.sum())
+    return M / N
+
+
+def _reference_edges(model, data, site_a, site_b, ba, bb, alphas, weights):
+    """The definition: E[i,j] = (1/N) Σ_seq Σ_t_out (Σ_t_in f̂_i ∫ ∂F_j/∂f̂_i dα)², jacrev of F over x = α f̂."""
+    E, N = 0.0, 0
+    for batch in data:
+        a0 = _act(model, batch.tokens, site_a)
+        m = batch.mask[:, :, None]
+        f = ((a0 - ba.mean) @ ba.C.T) * m
+        r = a0 - ba.mean - f @ ba.C_pinv.T
+        fwd = _b_of_a(model, batch.tokens, site_a, site_b)
+
+        def F(x, m=m, r=r, a0=a0, fwd=fwd):
+            a = torch.where(m, ba.mean + r + x @ ba.C_pinv.T, a0)
+            return (fwd(a) - bb.mean) @ bb.C.T
+
+        integral = sum(w * torch.func.jacrev(F)(al * f) for al, w in zip(alphas, weights, strict=True))
+        for s in range(a0.shape[0]):
+            for t_out in batch.mask[s].nonzero().flatten().tolist():
+                inner = (integral[s, t_out, :, s, :, :] * f[s][None]).sum(1)  # [k_B, k_A], Σ over t_in
+                E = E + inner.T ** 2
+        N += int(batch.mask.sum())
+    return E / N
+
+
+# ---- edges --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pair", [ATTN, MLP], ids=["attention", "mlp"])
+@pytest.mark.parametrize("method", ["integrated", "gradient"])
+def test_exact_edges_match_a_float64_jacrev_of_the_definition(pair, method):
+    model = _model64()
+    data = _data(model)
+    a, b = pair
+    ba = _random_basis(tld.ModelAdapter(model).d_mlp if "mlp" in a else TINY["d_model"], 5, seed=1)
+    bb = _random_basis(TINY["d_model"], 4, seed=2)
+    graph = tld.interaction_graph(model, data, {a: ba, b: bb}, [a, b], method=method, n_points=3,
+                                  estimator="exact")
+    if method == "integrated":
+        x, w = np.polynomial.legendre.leggauss(3)
+        alphas, weights = (x + 1) / 2, w / 2
+    else:
+        alphas, weights = [1.0], [1.0]
+    ref = _reference_edges(model, data, a, b, ba, bb, alphas, weights)
+    E = graph.edges[(a, b)]
+    assert E.dtype == torch.float64 and E.shape == (5, 4)
+    # float64 throughout: only summation-order rounding separates the two (~1e-15 relative)
+    torch.testing.assert_close(E, ref, rtol=1e-9, atol=1e-14)
+    if pair == ATTN:  # cross-position terms matter here: the diagonal-in-position part alone differs
+        assert E.abs().sum() > 0
+
+
+def test_integrated_and_gradient_methods_differ_on_a_nonlinear_pair():
+    model = _model64()
+    data = _data(model)
+    a, b = MLP
+    bases = {a: _random_basis(TINY["d_mlp"], 5, seed=1), b: _random_basis(TINY["d_model"], 4, seed=2)}
+    e_int = tld.interaction_graph(model, data, bases, [a, b], method="integrated", n_points=4).edges[(a, b)]
+    e_grad = tld.interaction_graph(model, data, bases, [a, b], method="gradient").edges[(a, b)]
+    assert not torch.allclose(e_int, e_grad, rtol=1e-3)
+
+
+def test_stochastic_edges_are_unbiased():
+    """Mean over seeds of the random-sign estimator vs the exact edges. Each seed's estimate is an
+    independent draw; the mean's error has variance Σ var/S, estimated from the seeds themselves, so
+    ‖mean − exact‖² ≈ Σ var/S; allow a factor 3 (a biased estimator misses by far more, see the end)."""
+    model = _model64()
+    data = _data(model)
+    a, b = ATTN
+    bases = {a: _random_basis(TINY["d_model"], 4, seed=1), b: _random_basis(TINY["d_model"], 3, seed=2)}
+    exact = tld.interaction_graph(model, data, bases, [a, b], method="gradient").edges[(a, b)]
+    draws = torch.stack([tld.interaction_graph(model, data, bases, [a, b], method="gradient", estimator="probe",
+                                               n_probes=2, seed=s).edges[(a, b)] for s in range(40)])
+    err2 = ((draws.mean(0) - exact) ** 2).sum()
+    bound = draws.var(0).sum() / draws.shape[0]
+    assert err2 < 3 * bound
+    assert draws.var(0).sum() > 0  # the estimator is stochastic: the test could fail
+    assert ((draws.mean(0) * 1.2 - exact) ** 2).sum() > 3 * bound  # a 20% bias would be caught
+
+
+def test_graph_is_diagonal_for_a_deep_linear_network_in_interaction_coordinates():
+    """Appendix A (eq. 44): with metric I, interaction coordinates of a linear network are the output's PCA
+    coordinates at every layer, so each node talks to exactly one node of the next site."""
+    model = _linear_model()
+    data = _data(model, rows=8, seq=8)
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    stats = tld.collect(model, data, sites=sites, jacobian="mse", estimator="exact", progress=False)
+    bases = tld.interaction_bases(stats, rtol=1e-8)
+    graph = tld.interaction_graph(model, data, bases, sites, method="gradient")
+    for (a, _), E in graph.edges.items():
+        assert E.shape[0] == E.shape[1]
+        # The statistics are float32 sums (SPEC §1): directions of C carry ~ε₃₂·Λ_max/gap rounding, and the
+        # smallest Λ here are ~1e-4 of the largest and ~2x apart, so neighbouring small nodes leak into each
+        # other at the 1e-2 level (measured 7e-3); everything else is far below.
+        assert _off_diagonal(E) < 2e-2
+        assert (E - torch.diag(torch.diagonal(E))).max() < 1e-4 * E.max()
+        # E[i, i] = var(f̂_i)·(∂f̂_B,i/∂f̂_A,i)² = Λ_i (Λ equal at every layer, eq. 44), to the same rounding:
+        # float32 rounding is relative to Λ_max (measured ≤ 6e-6·Λ_max, at the smallest Λ)
+        lam = bases[a].lambdas
+        torch.testing.assert_close(torch.diagonal(E), lam, rtol=1e-2, atol=2e-5 * lam.max().item())
+    # control: in PCA coordinates the same network's graph is far from diagonal, so the test can fail
+    pca = {s: tld.pca_basis(stats.gram(s), mean=stats.mean(s)) for s in sites}
+    E = tld.interaction_graph(model, data, pca, sites[:2], method="gradient").edges[tuple(sites[:2])]
+    assert _off_diagonal(E) > 0.1
+
+
+def _off_diagonal(E):
+    """max over i ≠ j of E[i, j] / sqrt(E[i, i] E[j, j])."""
+    d = torch.diagonal(E)
+    return ((E - torch.diag(d)) / (d[:, None] * d[None, :]).sqrt()).max().item()
+
+
+# ---- local interaction basis -------------------------------------------------------------------------
+@pytest.mark.parametrize("pair", [ATTN, MLP], ids=["attention", "mlp"])
+def test_lib_exact_gram_matches_a_float64_jacrev_reference(pair):
+    model = _model64()
+    data = _data(model)
+    a, b = pair
+    C_B = _random_basis(TINY["d_model"], 5, seed=3).C
+    M, n = local_jacobian_gram(model, data, a, b, C_B, estimator="exact")
+    ref = _reference_M(model, data, a, b, C_B)
+    assert n == int(data.mask.sum())
+    torch.testing.assert_close(M, ref, rtol=1e-9, atol=1e-14)
+
+
+def test_local_bases_use_the_next_sites_basis_and_the_two_steps_of_interaction_basis():
+    model = _model64()
+    data = _data(model)
+    sites = list(ATTN)
+    stats = tld.collect(model, data, sites=sites, jacobian="kl", estimator="exact", progress=False)
+    bases = tld.local_interaction_bases(model, data, sites, stats=stats, estimator="exact")
+    assert all(b.kind == "local" for b in bases.values())
+    glob = tld.interaction_bases(stats, sites=[sites[1]])[sites[1]]
+    torch.testing.assert_close(bases[sites[1]].C, glob.C)  # the last site: its global basis
+    M = _reference_M(model, data, sites[0], sites[1], bases[sites[1]].C)
+    want = tld.interaction_basis(stats.gram(sites[0]), M, mean=stats.mean(sites[0]))
+    assert bases[sites[0]].dim == want.dim
+    torch.testing.assert_close(bases[sites[0]].C, want.C, rtol=1e-6, atol=1e-8)
+
+
+def test_lib_probes_are_unbiased():
+    """Mean of the probe estimate of M_A over seeds vs the exact M_A: same derived bound as for the edges."""
+    model = _model64()
+    data = _data(model)
+    a, b = ATTN
+    C_B = _random_basis(TINY["d_model"], 5, seed=3).C
+    exact, _ = local_jacobian_gram(model, data, a, b, C_B, estimator="exact")
+    draws = torch.stack([local_jacobian_gram(model, data, a, b, C_B, n_probes=1, seed=s)[0] for s in range(40)])
+    err2 = ((draws.mean(0) - exact) ** 2).sum()
+    bound = draws.var(0).sum() / draws.shape[0]
+    assert err2 < 3 * bound
+    assert ((draws.mean(0) * 1.2 - exact) ** 2).sum() > 3 * bound
+
+
+def test_lib_equals_the_global_interaction_basis_for_a_deep_linear_network():
+    """Linear network, metric I: C_Bᵀ C_B is M_B projected on B's data span, which J_{B←A} maps A's span
+    into, so M_A^local = M_A^global on A's span and the bases agree (up to sign, fixed by convention)."""
+    model = _linear_model()
+    data = _data(model, rows=8, seq=8)
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    stats = tld.collect(model, data, sites=sites, jacobian="mse", estimator="exact", progress=False)
+    glob = tld.interaction_bases(stats, rtol=1e-8)
+    local = tld.local_interaction_bases(model, data, sites, stats=stats, estimator="exact", rtol=1e-8)
+    for s in sites:
+        assert local[s].dim == glob[s].dim
+        # statistics are float32 sums (SPEC §1): agreement to ~1e-5 relative
+        torch.testing.assert_close(local[s].lambdas, glob[s].lambdas, rtol=1e-4, atol=0)
+        torch.testing.assert_close(local[s].C, glob[s].C, rtol=1e-3, atol=1e-3 * glob[s].C.abs().max().item())
+
+
+def _linear_model():
+    """A deep linear network on the user's model: no LayerNorm, attention output zeroed, ReLU MLPs whose
+    input bias is raised by 30 so every pre-activation on the data is positive (ReLU = identity there)."""
+    cfg = {**TINY, "act_fn": "relu", "normalization_type": None}
+    if TL_MAJOR >= 4:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**cfg, seed=0)).eval()
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        torch.manual_seed(0)
+        model = HookedTransformer(HookedTransformerConfig(**cfg, seed=0)).eval()
+    model = model.to(torch.float64)
+    zeroed = raised = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"attn\.(W_O|b_O)$|attn\._original_component\.o\._original_component\.", name):
+                p.zero_()
+                zeroed += 1
+            elif re.search(r"mlp\.b_in$|fc_in\._original_component\.bias$", name):
+                p.add_(30.0)
+                raised += 1
+    assert zeroed == 2 * TINY["n_layers"] and raised == TINY["n_layers"], "parameter names changed"
+    return model
+
+
+# ---- modules -----------------------------------------------------------------------------------------
+def _planted(seed=0):
+    """Two modules across three sites of 4 nodes: strong edges (≥ 1) inside, edges below ε = 1e-6 across."""
+    g = torch.Generator().manual_seed(seed)
+    sites = ["s0", "s1", "s2"]
+    group = torch.tensor([0, 1, 0, 1])
+    edges = {}
+    for a, b in zip(sites, sites[1:], strict=False):
+        same = group[:, None] == group[None, :]
+        E = torch.where(same, 1 + torch.rand(4, 4, generator=g, dtype=torch.float64),
+                        1e-7 * torch.rand(4, 4, generator=g, dtype=torch.float64))
+        edges[(a, b)] = E
+    return tld.InteractionGraph(sites=sites, edges=edges), group
+
+
+def test_planted_modules_are_recovered_exactly_at_zero_cost():
+    graph, group = _planted()
+    mods = tld.find_modules(graph, eps=1e-6, seed=0)
+    assert mods.n_modules == 2 and mods.cost == 0.0
+    for labels in mods.labels.values():
+        assert torch.equal(labels, group)  # numbered by first node in forward order: s0 node 0 → module 0
+    assert mods.modularity > 0.4  # two equal halves with no edge across: 1/2 minus the half-and-half share
+
+
+def test_module_cost_is_the_section5_cut_cost_and_reproducible_with_a_seed():
+    graph, _ = _planted()
+    # one cross edge above ε: its cost ½ log(E/ε) is counted once the partition cuts it
+    edges = dict(graph.edges)
+    E = edges[("s0", "s1")].clone()
+    E[0, 1] = 1e-4
+    edges[("s0", "s1")] = E
+    g2 = tld.InteractionGraph(sites=graph.sites, edges=edges)
+    m1 = tld.find_modules(g2, eps=1e-6, seed=3)
+    m2 = tld.find_modules(g2, eps=1e-6, seed=3)
+    assert m1.cost == m2.cost and all(torch.equal(m1.labels[s], m2.labels[s]) for s in g2.sites)
+    assert m1.n_modules == 2
+    assert m1.cost == pytest.approx(0.5 * np.log(1e-4 / 1e-6))
+    cost = tld.analysis.graph.edge_cost(torch.tensor([1e-7, 1e-6, 1e-2]), 1e-6)
+    torch.testing.assert_close(cost, torch.tensor([0.0, 0.0, 0.5 * np.log(1e4)], dtype=torch.float64))
+
+
+def test_graph_round_trips_through_safetensors_and_json(tmp_path):
+    graph, _ = _planted()
+    graph = tld.InteractionGraph(sites=graph.sites, edges=graph.edges,
+                                 lambdas={s: torch.arange(4.0) + 1 for s in graph.sites}, meta={"method": "x"})
+    graph.save(tmp_path / "g")
+    back = tld.InteractionGraph.load(tmp_path / "g")
+    assert back.sites == graph.sites and back.meta == graph.meta
+    assert all(torch.equal(back.edges[k], graph.edges[k]) for k in graph.edges)
+    assert all(torch.equal(back.lambdas[s], graph.lambdas[s]) for s in graph.sites)
+    nxg = back.to_networkx(eps=1e-6)
+    assert nxg.number_of_nodes() == 12 and nxg.number_of_edges() == 2 * 8  # 8 strong edges per pair
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+def test_bad_input_is_refused_before_any_pass():
+    model = make_tiny_model()
+    data = _data(model)
+    a, b = ATTN
+    bases = {a: _random_basis(TINY["d_model"], 3, 0), b: _random_basis(TINY["d_model"], 3, 1)}
+    with pytest.raises(tld.BadInputError, match="forward order"):
+        tld.interaction_graph(model, data, bases, [b, a])
+    with pytest.raises(tld.BadInputError, match="no basis given"):
+        tld.interaction_graph(model, data, {a: bases[a]}, [a, b])
+    with pytest.raises(tld.BadInputError, match="dimension"):
+        tld.interaction_graph(model, data, {a: _random_basis(TINY["d_mlp"], 3, 0), b: bases[b]}, [a, b])
+    with pytest.raises(tld.BadInputError, match="method"):
+        tld.interaction_graph(model, data, bases, [a, b], method="riemann")
+    with pytest.raises(tld.BadInputError, match="at least two"):
+        tld.interaction_graph(model, data, bases, [a])
+    stats = tld.collect(model, data, sites=[b], progress=False)
+    with pytest.raises(tld.BadInputError, match="forward order"):
+        tld.local_interaction_bases(model, data, [b, a], stats=stats)
+    with pytest.raises(tld.BadInputError, match="no statistics"):
+        tld.local_interaction_bases(model, data, [a, b], stats=stats)
+    with pytest.raises(tld.BadInputError, match="dim"):
+        tld.InteractionGraph(sites=["x", "y", "z"], edges={("x", "y"): torch.ones(2, 3),
+                                                           ("y", "z"): torch.ones(2, 2)})
+    with pytest.raises(tld.BadInputError, match="consecutive"):
+        tld.InteractionGraph(sites=["x", "y"], edges={("y", "x"): torch.ones(2, 3)})
+    with pytest.raises(tld.BadInputError, match="eps"):
+        tld.find_modules(_planted()[0], eps=0.0)

@@ -1,0 +1,121 @@
+"""A hooked sub-computation from one site A to the next site B, for the interaction graph (paper §4–5).
+
+The model runs through the user's own hooks: a forward hook at A replaces the activation by a tensor built
+from a detached leaf (the forward is cut there, so a backward pass from B stops at A and never reaches the
+earlier layers or the weights), a forward hook at B captures b and stops the forward (nothing after B is
+computed). Batched vector–Jacobian products from B to A use ``is_grads_batched`` (one vmapped backward for
+many cotangents), in chunks.
+
+Sites allowed at A are those whose hooked tensor is the one every later computation reads (``resid_pre``,
+``resid_post``, ``mlp_pre``, ``mlp_post``, ``ln_final``, and ``resid_mid`` where the adapter has a single
+gradient hook for it); ``attn_z`` and ``attn_pattern`` are refused (ECOSYSTEM.md gotcha 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from tl_degeneracy.adapter import ModelAdapter
+from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.sites import site_kind, site_layer
+
+#: position of a site kind inside its block, in forward order
+_ORDER = {"resid_pre": 0, "attn_z": 1, "resid_mid": 2, "mlp_pre": 3, "mlp_post": 4, "resid_post": 5}
+_CUTTABLE = ("resid_pre", "resid_mid", "resid_post", "mlp_pre", "mlp_post", "ln_final")
+
+#: cotangents per batched backward pass (memory: chunk × batch × pos × d floats)
+VJP_CHUNK = 64
+
+
+class _Stop(Exception):
+    """Raised from B's hook: the forward stops once b is captured."""
+
+
+def forward_key(adapter: ModelAdapter, site: str) -> tuple[int, int]:
+    """(layer, place in the block) of a site; ``ln_final`` comes after every block."""
+    kind = site_kind(site)
+    if kind == "ln_final":
+        return (adapter.n_layers, 0)
+    if kind is None or kind not in _ORDER:
+        raise BadInputError(
+            f"'{site}' is not a vector site of the interaction graph; use hook names of kinds {_CUTTABLE}"
+        )
+    return (int(site_layer(site)), _ORDER[kind])
+
+
+def check_site_chain(adapter: ModelAdapter, sites: Sequence[str]) -> list[str]:
+    """At least two sites, each known to the model, in strict forward order, every one but the last cuttable."""
+    sites = list(sites)
+    if len(sites) < 2:
+        raise BadInputError(f"the interaction graph needs at least two sites in forward order, got {sites}")
+    adapter.check_hooks(sites)
+    keys = [forward_key(adapter, s) for s in sites]
+    for (a, ka), (b, kb) in zip(zip(sites, keys, strict=True), zip(sites[1:], keys[1:], strict=True), strict=False):
+        if not ka < kb:
+            raise BadInputError(
+                f"sites must be in forward order (each computed from the one before): '{b}' does not come after "
+                f"'{a}'; sort them by layer and place in the block"
+            )
+    for site in sites[:-1]:
+        kind = site_kind(site)
+        if kind not in _CUTTABLE or len(adapter.gradient_hooks(site)) > 1:
+            raise BadInputError(
+                f"'{site}' cannot be the input side of an edge on this model (its hooked tensor is not the one "
+                "every later layer reads); use hook_resid_pre/hook_resid_post or an MLP site instead"
+            )
+    return sites
+
+
+def activation(adapter: ModelAdapter, tokens: torch.Tensor, site: str) -> torch.Tensor:
+    """The activation at ``site`` (detached), the forward stopped right after it."""
+    box: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        box["a"] = act.detach()
+        raise _Stop
+
+    with adapter.hooks(fwd_hooks=[(site, grab)]), torch.no_grad():
+        try:
+            adapter.forward(tokens)
+        except _Stop:
+            pass
+    if "a" not in box:
+        raise RuntimeError(f"the forward pass did not reach '{site}'")
+    return box["a"]
+
+
+def cut_forward(
+    adapter: ModelAdapter, tokens: torch.Tensor, site_a: str, site_b: str,
+    replace: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """b computed from ``replace(a)`` at A (``a`` detached); the forward stops at B. Keeps the autograd graph."""
+    box: dict[str, torch.Tensor] = {}
+
+    def cut(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return replace(act.detach())
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        box["b"] = act
+        raise _Stop
+
+    with adapter.hooks(fwd_hooks=[(site_a, cut), (site_b, grab)]), torch.enable_grad():
+        try:
+            adapter.forward(tokens)
+        except _Stop:
+            pass
+    if "b" not in box:
+        raise RuntimeError(f"the forward pass did not reach '{site_b}' after '{site_a}'")
+    return box["b"]
+
+
+def batched_vjp(output: torch.Tensor, leaf: torch.Tensor, cotangents: torch.Tensor,
+                chunk: int = VJP_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+    """For ``[n, *output.shape]`` cotangents yield ``(start, [m, *leaf.shape] gradients)`` chunk by chunk: one
+    vmapped backward pass (``is_grads_batched``) per chunk of ``chunk`` cotangents, never a loop per cotangent."""
+    for start in range(0, cotangents.shape[0], chunk):
+        cot = cotangents[start:start + chunk]
+        (g,) = torch.autograd.grad(output, leaf, cot, retain_graph=True, is_grads_batched=True)
+        yield start, g
