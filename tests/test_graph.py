@@ -380,3 +380,24 @@ def test_bad_input_is_refused_before_any_pass():
         tld.InteractionGraph(sites=["x", "y"], edges={("y", "x"): torch.ones(2, 3)})
     with pytest.raises(tld.BadInputError, match="eps"):
         tld.find_modules(_planted()[0], eps=0.0)
+
+
+def test_graph_plot_draws_every_node_coloured_by_module(tmp_path):
+    from tl_degeneracy.run.report import plot_interaction_graph
+
+    graph, group = _planted()
+    graph = tld.InteractionGraph(sites=graph.sites, edges=graph.edges,
+                                 lambdas={s: torch.arange(4.0, 0, -1) for s in graph.sites})
+    mods = tld.find_modules(graph, eps=1e-6)
+    fig = plot_interaction_graph(graph, mods)
+    ax = fig.axes[0]
+    points = [c for c in ax.collections if c.get_offsets().shape[0] == 4]
+    assert len(points) == 3  # one column of 4 nodes per site
+    sizes = points[0].get_sizes()
+    assert sizes[0] > sizes[-1]  # sized by Λ
+    colours = points[0].get_facecolors()
+    assert (colours[0] == colours[2]).all() and not (colours[0] == colours[1]).all()  # by module
+    lines = [c for c in ax.collections if c not in points]
+    assert len(lines) == 1 and len(lines[0].get_segments()) == 16  # cross-module edges are 1e-7 of max: hidden
+    fig.savefig(tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000
