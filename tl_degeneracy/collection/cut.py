@@ -111,11 +111,30 @@ def cut_forward(
     return box["b"]
 
 
-def batched_vjp(output: torch.Tensor, leaf: torch.Tensor, cotangents: torch.Tensor,
+def batched_vjp(output: torch.Tensor, leaf: torch.Tensor, n: int,
+                cotangents: Callable[[int, int], torch.Tensor],
                 chunk: int = VJP_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
-    """For ``[n, *output.shape]`` cotangents yield ``(start, [m, *leaf.shape] gradients)`` chunk by chunk: one
-    vmapped backward pass (``is_grads_batched``) per chunk of ``chunk`` cotangents, never a loop per cotangent."""
-    for start in range(0, cotangents.shape[0], chunk):
-        cot = cotangents[start:start + chunk]
+    """For ``n`` cotangents at ``output``, built chunk by chunk by ``cotangents(start, stop)`` →
+    ``[stop − start, *output.shape]``, yield ``(start, [m, *leaf.shape] gradients)``: one vmapped backward pass
+    (``is_grads_batched``) per chunk, never a loop per cotangent, and never all cotangents in memory at once."""
+    for start in range(0, n, chunk):
+        cot = cotangents(start, min(start + chunk, n))
         (g,) = torch.autograd.grad(output, leaf, cot, retain_graph=True, is_grads_batched=True)
         yield start, g
+
+
+def one_hot_cotangents(shape: tuple[int, int, int], mask: torch.Tensor, dtype: torch.dtype,
+                       ) -> tuple[int, Callable[[int, int], torch.Tensor]]:
+    """``T'·k`` cotangents at a ``[B, T, k]`` output, row ``p·k + j`` = 1 at (counted position p, coordinate j) of
+    every sequence where that position counts (sequences do not interact, so they share a pass)."""
+    B, T, k = shape
+    positions = mask.any(0).nonzero().squeeze(1)
+
+    def make(start: int, stop: int) -> torch.Tensor:
+        rows = torch.arange(start, stop, device=mask.device)
+        pos, j = positions[rows // k], rows % k
+        cot = torch.zeros(stop - start, B, T, k, dtype=dtype, device=mask.device)
+        cot[torch.arange(stop - start, device=mask.device), :, pos, j] = mask[:, pos].T.to(dtype)
+        return cot
+
+    return positions.numel() * k, make

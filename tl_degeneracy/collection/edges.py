@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tl_degeneracy.adapter import as_adapter
-from tl_degeneracy.collection.cut import activation, batched_vjp, cut_forward
+from tl_degeneracy.collection.cut import activation, batched_vjp, cut_forward, one_hot_cotangents
 from tl_degeneracy.collection.engine import accurate_matmuls, flatten_site
 from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -97,16 +97,16 @@ def edge_matrix(
             r = a0 - mu_a - f @ Cp_a.T
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch.index)
             S: torch.Tensor | None = None  # [n_cotangents, B, k_A], Σ_q w_q Σ_t f̂ g_q
-            cot: torch.Tensor | None = None
+            cot: Callable[[int, int], torch.Tensor] | None = None
             for alpha, w in zip(alphas, weights, strict=True):
                 x = (alpha * f).detach().requires_grad_(True)
 
                 b = cut_forward(adapter, tokens, site_a, site_b, _on_path(m3, mu_a + r + x @ Cp_a.T))
                 F = (flatten_site(b, site_b) - mu_b) @ C_b.T  # [B, T, k_B]
-                if cot is None:
-                    cot = _cotangents(F, mask, estimator, n_probes, gen)
-                    S = torch.zeros(cot.shape[0], F.shape[0], k_a, dtype=torch.float64, device=device)
-                for start, g in batched_vjp(F, x, cot):
+                if cot is None:  # drawn once per batch: the same probes at every node of the quadrature
+                    n_cot, cot = _cotangents(F, mask, estimator, n_probes, gen)
+                    S = torch.zeros(n_cot, F.shape[0], k_a, dtype=torch.float64, device=device)
+                for start, g in batched_vjp(F, x, n_cot, cot):
                     S[start:start + g.shape[0]] += w * (g * f).sum(2).to(torch.float64)
             sq = S.square()
             if estimator == "exact":  # rows ordered (t_out, j)
@@ -132,19 +132,19 @@ def _on_path(mask: torch.Tensor, path: torch.Tensor) -> Callable[[torch.Tensor],
 
 
 def _cotangents(F: torch.Tensor, mask: torch.Tensor, estimator: str, n_probes: int,
-                gen: torch.Generator) -> torch.Tensor:
-    """``[n, B, T, k_B]``: one-hot per (counted position, j) for ``exact``; per (probe, j) random signs over
-    the counted positions for ``probe``."""
+                gen: torch.Generator) -> tuple[int, Callable[[int, int], torch.Tensor]]:
+    """Cotangents at F ``[B, T, k_B]``, made chunk by chunk: one-hot per (counted position, j) for ``exact``;
+    row ``probe·k_B + j``: random signs over the counted positions at coordinate j for ``probe``."""
     B, T, k = F.shape
-    idx = torch.arange(k, device=F.device)
     if estimator == "exact":
-        positions = mask.any(0).nonzero().squeeze(1).tolist()
-        cot = F.new_zeros(len(positions) * k, B, T, k)
-        for p_i, t in enumerate(positions):
-            cot[p_i * k + idx, :, t, idx] = mask[:, t].to(F.dtype)[None, :].expand(k, B)
-        return cot
+        return one_hot_cotangents((B, T, k), mask, F.dtype)
     signs = torch.empty(n_probes, B, T, dtype=F.dtype, device=F.device).bernoulli_(0.5, generator=gen)
     signs = (signs * 2 - 1) * mask.to(F.dtype)
-    cot = F.new_zeros(n_probes, k, B, T, k)
-    cot[:, idx, :, :, idx] = signs[None].expand(k, n_probes, B, T)
-    return cot.reshape(n_probes * k, B, T, k)
+
+    def make(start: int, stop: int) -> torch.Tensor:
+        rows = torch.arange(start, stop, device=F.device)
+        cot = F.new_zeros(stop - start, B, T, k)
+        cot[torch.arange(stop - start, device=F.device), :, :, rows % k] = signs[rows // k]
+        return cot
+
+    return n_probes * k, make

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tl_degeneracy.adapter import as_adapter
-from tl_degeneracy.collection.cut import batched_vjp, cut_forward
+from tl_degeneracy.collection.cut import batched_vjp, cut_forward, one_hot_cotangents
 from tl_degeneracy.collection.engine import accurate_matmuls, flatten_site
 from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -66,10 +66,10 @@ def local_jacobian_gram(
             leaf = box["leaf"]
             F = flatten_site(b, site_b) @ C_B.to(device=device, dtype=b.dtype).T  # [B, T, k_B]
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch.index)
-            cot, weight = _cotangents(F, mask, estimator, n_probes, gen)
+            n_cot, cot, weight = _cotangents(F, mask, estimator, n_probes, gen)
             d_a = flatten_site(leaf, site_a).shape[-1]
             inc = torch.zeros(d_a, d_a, dtype=torch.float64, device=device)
-            for _, g in batched_vjp(F, leaf, cot):
+            for _, g in batched_vjp(F, leaf, n_cot, cot):
                 g = g.flatten(3) if g.ndim == 5 else g
                 rows = g[:, mask].reshape(-1, d_a).to(torch.float64)  # counted input positions t
                 inc += rows.T @ rows
@@ -94,16 +94,13 @@ def _leaf_into(box: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.T
 
 def _cotangents(
     F: torch.Tensor, mask: torch.Tensor, estimator: str, n_probes: int, gen: torch.Generator
-) -> tuple[torch.Tensor, float]:
-    """Cotangents ``[n, B, T, k]`` at F and the weight of each one's outer products."""
-    B, T, k = F.shape
+) -> tuple[int, Callable[[int, int], torch.Tensor], float]:
+    """How many cotangents at F, a maker of chunks of them, and the weight of each one's outer products."""
     if estimator == "probe":
+        B, T, k = F.shape
         v = torch.empty(n_probes, B, T, k, dtype=F.dtype, device=F.device)
         v.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
-        return v * mask[None, :, :, None].to(F.dtype), 1.0 / n_probes
-    positions = mask.any(0).nonzero().squeeze(1).tolist()
-    cot = F.new_zeros(len(positions) * k, B, T, k)
-    for p_i, t in enumerate(positions):
-        idx = torch.arange(k, device=F.device)
-        cot[p_i * k + idx, :, t, idx] = mask[:, t].to(F.dtype)[None, :].expand(k, B)
-    return cot, 1.0
+        v *= mask[None, :, :, None].to(F.dtype)
+        return n_probes, lambda start, stop: v[start:stop], 1.0 / n_probes
+    n, make = one_hot_cotangents(tuple(F.shape), mask, F.dtype)
+    return n, make, 1.0
