@@ -418,3 +418,32 @@ def test_probe_edges_report_their_standard_error():
     reported = torch.stack([r["stderr"] ** 2 for r in runs]).mean(0).sum()
     observed = torch.stack([r["edges"] for r in runs]).var(0).sum()
     assert 1 / 1.6 < reported / observed < 1.6
+
+
+# ---- the graph stage of `tl-degeneracy run` ------------------------------------------------------------
+def test_graph_stage_is_on_for_the_bundled_model_only_by_default():
+    from tl_degeneracy.run.pipeline import RunConfig, default_stages
+
+    assert "graph" in default_stages(RunConfig())
+    assert "graph" not in default_stages(RunConfig(model="some/other/model"))
+    assert "graph" in default_stages(RunConfig(model="some/other/model", graph=True))
+    assert "graph" not in default_stages(RunConfig(graph=False))
+    assert "graph" not in default_stages(RunConfig(jacobian=None))
+    assert "graph" not in default_stages(RunConfig(layers=(0,)))  # one resid_pre site: no pair
+    assert "graph" not in default_stages(RunConfig(sites=("mlp_post",)))
+
+
+def test_graph_stage_writes_local_bases_the_graph_modules_and_the_plot(tmp_path, tiny_gpt2_path):
+    from tl_degeneracy.run.pipeline import RunConfig, read_marker, run_stages
+
+    cfg = RunConfig(model=tiny_gpt2_path, n_tokens=120, seq_len=16, batch_size=4, graph_n_tokens=60,
+                    graph_eps=1e-4, sites=("resid_pre",), sync=False, device="cpu")
+    out = tmp_path / "run"
+    run_stages(cfg, out, ["stats", "graph"], progress=False)
+    graph = tld.InteractionGraph.load(out / "graph" / "graph")
+    assert graph.sites == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    local = tld.InteractionBasis.load(out / "graph" / "blocks.0.hook_resid_pre.local")
+    assert local.kind == "local" and graph.dims["blocks.0.hook_resid_pre"] == local.dim
+    summary = read_marker(out, "graph")["summary"]
+    assert summary["modules"]["n_modules"] >= 1 and summary["dims"][0] == local.dim
+    assert (out / "plots" / "interaction_graph.png").stat().st_size > 1000

@@ -106,6 +106,17 @@ class RunFolder:
     def llc_summary(self) -> Path:
         return self.llc / "summary.json"
 
+    # ---- interaction graph ------------------------------------------------------------------------
+    @property
+    def graph(self) -> Path:
+        """The graph stage's folder: local bases ``{site}.local.*`` and the graph."""
+        return self.root / "graph"
+
+    @property
+    def graph_result(self) -> Path:
+        """Where the :class:`~tl_degeneracy.InteractionGraph` is saved (``graph.safetensors`` + ``.json``)."""
+        return self.graph / "graph.safetensors"
+
     # ---- report -------------------------------------------------------------------------------------
     @property
     def plots(self) -> Path:

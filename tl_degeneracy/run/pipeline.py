@@ -107,6 +107,9 @@ class RunConfig:
     llc_burnin: int = 15
     llc_n_tokens: int = 2048
     llc_batch_size: int = 4
+    graph: bool | None = None
+    graph_n_tokens: int = 512
+    graph_eps: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -269,11 +272,23 @@ def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
     """Every registered stage the configuration asks for: no ``basis`` without a Jacobian, no ``sync``
     without synchronisation sums, no ``llc`` when switched off."""
     skip = {"basis"} if config.jacobian is None else set()
+    if not wants_graph(config):
+        skip.add("graph")
     if not config.sync:
         skip.add("sync")
     if not llc:
         skip.add("llc")
     return [name for name in STAGES if name not in skip]
+
+
+def wants_graph(config: RunConfig) -> bool:
+    """The ``graph`` stage runs by default only on the bundled model (``graph=None``: a small token budget
+    there; on a large model one pass per residual site pair is long); ``graph=True/False`` forces it. It needs
+    Jacobian statistics and resid_pre sites at two or more layers."""
+    if config.jacobian is None or "resid_pre" not in config.sites or (
+            config.layers is not None and len(set(config.layers)) < 2):
+        return False
+    return config.model is None if config.graph is None else bool(config.graph)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,6 +478,53 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     return outputs, summary
 
 
+GRAPH_OPTIONS = {"method": "integrated", "n_points": 2, "estimator": "probe", "n_probes": 1, "lib_probes": 2}
+
+
+def _graph_settings(c: RunConfig) -> dict[str, Any]:
+    return {"n_tokens": c.graph_n_tokens, "eps": c.graph_eps, "rtol": c.rtol, "atol": c.atol, "seed": c.seed,
+            "batch_size": c.batch_size, **GRAPH_OPTIONS}
+
+
+def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """LIB of the residual stream (resid_pre of every analysed layer), its interaction graph, modules at
+    ``graph_eps`` when set, and the plot."""
+    from tl_degeneracy.run.report import plot_interaction_graph
+
+    c = ctx.config
+    stats = tld.Stats.load(ctx.folder.stats)
+    sites = sorted((s for s in stats.sites if s.endswith(".hook_resid_pre")), key=lambda s: int(s.split(".")[1]))
+    if len(sites) < 2:
+        raise BadInputError("the graph stage needs resid_pre statistics at two or more layers; collect with "
+                            "--sites resid_pre and two or more --layers")
+    data = ctx.data(n_tokens=c.graph_n_tokens, batch_size=c.batch_size)
+    with _forward_warnings(ctx.log):
+        bases = tld.local_interaction_bases(ctx.model, data, sites, stats=stats, rtol=c.rtol, atol=c.atol,
+                                            n_probes=GRAPH_OPTIONS["lib_probes"], seed=c.seed)
+        graph = tld.interaction_graph(ctx.model, data, bases, sites, method=GRAPH_OPTIONS["method"],
+                                      n_points=GRAPH_OPTIONS["n_points"], estimator=GRAPH_OPTIONS["estimator"],
+                                      n_probes=GRAPH_OPTIONS["n_probes"], seed=c.seed)
+    ctx.folder.graph.mkdir(exist_ok=True)
+    outputs = []
+    for site, basis in bases.items():
+        path = basis.save(ctx.folder.graph / f"{site}.local")
+        outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+    path = graph.save(ctx.folder.graph_result)
+    outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+    summary: dict[str, Any] = {"sites": sites, "dims": [b.dim for b in bases.values()],
+                               "n_tokens": graph.meta["n_tokens"]}
+    modules = None
+    if c.graph_eps is not None:
+        modules = tld.find_modules(graph, eps=c.graph_eps, seed=c.seed)
+        summary["modules"] = {"n_modules": modules.n_modules, "cost": modules.cost,
+                              "modularity": modules.modularity, "eps": modules.eps}
+    ctx.folder.plots.mkdir(exist_ok=True)
+    plot = ctx.folder.plot("interaction_graph")
+    plot_interaction_graph(graph, modules).savefig(plot)
+    outputs.append(ctx.folder.relative(plot))
+    return outputs, summary
+
+
 def _sync_settings(c: RunConfig) -> dict[str, Any]:
     return {"measure": c.sync_measure, "tau_heads": c.tau_heads, "tau_neurons": c.tau_neurons}
 
@@ -574,6 +636,9 @@ register(Stage("stats", "stream activation, Jacobian and synchronisation statist
                _run_stats, _stats_settings, requires=("collect", "resolve_sites", "load_model"), check=_check_stats))
 register(Stage("basis", "interaction and PCA bases per site", _run_basis, _basis_settings, after=("stats",),
                requires=("interaction_bases", "pca_basis")))
+register(Stage("graph", "local interaction basis and interaction graph of the residual stream (bundled model "
+               "by default)", _run_graph, _graph_settings, after=("stats",),
+               requires=("local_interaction_bases", "interaction_graph", "find_modules")))
 register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
                requires=("head_sync", "neuron_sync")))
 register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,
