@@ -447,3 +447,20 @@ def test_graph_stage_writes_local_bases_the_graph_modules_and_the_plot(tmp_path,
     summary = read_marker(out, "graph")["summary"]
     assert summary["modules"]["n_modules"] >= 1 and summary["dims"][0] == local.dim
     assert (out / "plots" / "interaction_graph.png").stat().st_size > 1000
+
+
+def test_graph_options_of_the_command_line(tmp_path, tiny_gpt2_path, capsys):
+    from tl_degeneracy.run.cli import main
+    from tl_degeneracy.run.pipeline import read_marker
+
+    out = tmp_path / "cli"
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("def f(x):\n    return x + 1\n" * 40)
+    base = ["run", "--model", tiny_gpt2_path, "--data", str(tokens), "--sites", "resid_pre", "--n-tokens", "120",
+            "--seq-len", "16", "--batch-size", "4", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert main([*base, "--stages", "stats,graph", "--graph-n-tokens", "60", "--graph-eps", "1e-4"]) == 0
+    marker = read_marker(out, "graph")
+    assert marker["settings"]["eps"] == 1e-4 and marker["settings"]["n_tokens"] == 60
+    assert marker["summary"]["modules"]["eps"] == 1e-4
+    assert main([*base, "--stages", "graph", "--no-graph"]) == 2
+    assert "contradicts --no-graph" in capsys.readouterr().err

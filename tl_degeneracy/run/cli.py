@@ -208,9 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
                    help=f"sequences per SGLD step (default {d.llc_batch_size})")
 
+    g = run.add_argument_group("interaction graph")
+    g.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="local interaction basis and interaction graph of the residual stream (default: on for "
+                        "the bundled model only)")
+    g.add_argument("--graph-n-tokens", type=_positive_int, default=d.graph_n_tokens, metavar="N",
+                   help=f"counted tokens of the graph stage (default {d.graph_n_tokens})")
+    g.add_argument("--graph-eps", type=_float(0.0, strict=True), default=d.graph_eps, metavar="EPS",
+                   help="noise scale ε of the §5 module cut cost; modules are found only when given")
+
     g = run.add_argument_group("stages and output")
     g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
-                   help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
+                   help="comma-separated stages to run (stats,basis,graph,sync,llc,report); default: all that apply")
     g.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
     g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
                    help="run folder (default ./tl-degeneracy-run)")
@@ -234,6 +243,7 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
         llc_nbetas=args.llc_nbetas, llc_step_size=args.llc_step_size, llc_localization=args.llc_localization,
         llc_chains=args.llc_chains, llc_steps=args.llc_steps, llc_burnin=args.llc_burnin,
         llc_n_tokens=args.llc_n_tokens, llc_batch_size=args.llc_batch_size, seed=args.seed, device=args.device,
+        graph=args.graph, graph_n_tokens=args.graph_n_tokens, graph_eps=args.graph_eps,
     )
 
 
@@ -286,7 +296,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     stages = list(args.stages) if explicit else default_stages(config, llc=args.llc)
     if explicit:
         for name, off, flag in (("llc", not args.llc, "--no-llc"), ("sync", not args.sync, "--no-sync"),
-                                ("basis", config.jacobian is None, "--jacobian none")):
+                                ("basis", config.jacobian is None, "--jacobian none"),
+                                ("graph", config.graph is False, "--no-graph")):
             if name in stages and off:
                 parser.error(f"--stages {name} contradicts {flag}")
     out = Path(args.out)
