@@ -446,7 +446,10 @@ def test_graph_stage_writes_local_bases_the_graph_modules_and_the_plot(tmp_path,
     assert local.kind == "local" and graph.dims["blocks.0.hook_resid_pre"] == local.dim
     summary = read_marker(out, "graph")["summary"]
     assert summary["modules"]["n_modules"] >= 1 and summary["dims"][0] == local.dim
+    run_stages(cfg, out, ["report"], progress=False)  # the report draws the graph from the saved file
     assert (out / "plots" / "interaction_graph.png").stat().st_size > 1000
+    assert "](plots/interaction_graph.png)" in (out / "index.md").read_text()
+    assert read_marker(out, "graph") is not None  # the report left the graph stage's outputs alone
 
 
 def test_graph_options_of_the_command_line(tmp_path, tiny_gpt2_path, capsys):

@@ -487,10 +487,8 @@ def _graph_settings(c: RunConfig) -> dict[str, Any]:
 
 
 def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
-    """LIB of the residual stream (resid_pre of every analysed layer), its interaction graph, modules at
-    ``graph_eps`` when set, and the plot."""
-    from tl_degeneracy.run.report import plot_interaction_graph
-
+    """LIB of the residual stream (resid_pre of every analysed layer), its interaction graph and modules at
+    ``graph_eps`` when set (the report stage draws the graph from the saved file)."""
     c = ctx.config
     stats = tld.Stats.load(ctx.folder.stats)
     sites = sorted((s for s in stats.sites if s.endswith(".hook_resid_pre")), key=lambda s: int(s.split(".")[1]))
@@ -513,15 +511,10 @@ def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
     summary: dict[str, Any] = {"sites": sites, "dims": [b.dim for b in bases.values()],
                                "n_tokens": graph.meta["n_tokens"]}
-    modules = None
     if c.graph_eps is not None:
         modules = tld.find_modules(graph, eps=c.graph_eps, seed=c.seed)
         summary["modules"] = {"n_modules": modules.n_modules, "cost": modules.cost,
                               "modularity": modules.modularity, "eps": modules.eps}
-    ctx.folder.plots.mkdir(exist_ok=True)
-    plot = ctx.folder.plot("interaction_graph")
-    plot_interaction_graph(graph, modules).savefig(plot)
-    outputs.append(ctx.folder.relative(plot))
     return outputs, summary
 
 

@@ -44,7 +44,7 @@ from matplotlib.ticker import MaxNLocator
 
 from tl_degeneracy._io import atomic_write, read_json, tensor_path
 from tl_degeneracy.analysis.basis import InteractionBasis
-from tl_degeneracy.analysis.graph import InteractionGraph, Modules
+from tl_degeneracy.analysis.graph import InteractionGraph, Modules, find_modules
 from tl_degeneracy.analysis.sync import HeadSync
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep
@@ -108,6 +108,7 @@ class RunResults:
         stats_meta: metadata of the streamed statistics (model, data, sites, settings).
         run: ``run.json`` (command, arguments, versions, timings, machine).
         stages: stage name -> the marker a finished stage left (settings, inputs, outputs, seconds).
+        graph: the graph stage's :class:`~tl_degeneracy.InteractionGraph` (LIB coordinates), or None.
     """
 
     folder: Path
@@ -120,6 +121,7 @@ class RunResults:
     stats_meta: dict[str, Any] | None = None
     run: dict[str, Any] | None = None
     stages: dict[str, Any] = field(default_factory=dict)
+    graph: InteractionGraph | None = None
 
     @property
     def sites(self) -> list[str]:
@@ -157,6 +159,8 @@ def load_results(folder: str | os.PathLike) -> RunResults:
         res.bases[site] = InteractionBasis.load(path)
     for site, path in run.saved_bases("pca").items():
         res.pca[site] = InteractionBasis.load(path)
+    if run.graph_result.is_file() and run.graph_result.with_suffix(".json").is_file():
+        res.graph = InteractionGraph.load(run.graph_result)
     if run.sync_summary.is_file():
         res.sync = read_json(run.sync_summary)
         for layer in res.sync.get("layers", {}):
@@ -696,6 +700,21 @@ def write_report(folder: str | os.PathLike) -> Path:
             "λ̂ is the post-burn-in mean; traces should rise and level off. A smaller λ̂ means a more "
             "degenerate (simpler) solution at the loss scale ε̂ = λ̂/nβ. "
             + _llc_settings_sentence(res.llc) + "\n"
+        )
+    if res.graph is not None:
+        settings = (res.stages.get("graph") or {}).get("settings", {})
+        eps = settings.get("eps")
+        modules = find_modules(res.graph, eps=eps, seed=settings.get("seed", 0)) if eps else None
+        _save(plot_interaction_graph(res.graph, modules), run.plot("interaction_graph"))
+        sections.append(
+            "## Interaction graph (paper §4–5)\n\n"
+            "![interaction graph](plots/interaction_graph.png)\n\n"
+            "Local-interaction-basis directions of the residual stream (columns: sites; node area ∝ Λ) and the "
+            "squared edges between consecutive sites (width and opacity: log-normalised strength; edges more "
+            "than three decades below the strongest are not drawn). "
+            + (f"Colours: {modules.n_modules} modules found at ε = {eps:g}, §5 cut cost {modules.cost:.3g} "
+               "(Σ over cut edges of ½·log(E/ε))." if modules else
+               "Modules are found with `--graph-eps EPS` (the §5 noise scale).") + "\n"
         )
     if res.llc_scale:
         _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
