@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TL_MAJOR, make_tiny_model, padded_data, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import ModelAdapter
@@ -29,26 +29,9 @@ if TL_MAJOR < 4:
 EXACT_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: hundreds of small backward passes run far faster on one thread of a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny64(**overrides):
     """The tiny model in float64 (3.x takes the dtype from its config, the 4.x bridge needs ``.to``)."""
     return make_tiny_model(dtype=torch.float64, **overrides).to(torch.float64)
-
-
-def padded_data(model, rows=3, seq=7, batch_size=2, seed=0, vocab=50):
-    """Rows of random tokens, the last two positions of row 1 padding (so masks matter for t and s alike)."""
-    attn = torch.ones(rows, seq, dtype=torch.long)
-    attn[1, -2:] = 0
-    return tld.token_batches(model, random_tokens(rows, seq, vocab=vocab, seed=seed), batch_size=batch_size,
-                             attention_mask=attn)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

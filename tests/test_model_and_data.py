@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
 from safetensors.torch import save_file
+from tiny import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import ModelAdapter
