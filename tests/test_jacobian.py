@@ -39,8 +39,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def jacrev_reference(model, data, site: str, metric: str) -> torch.Tensor:
-    """M by brute force: J [B, T, V, B, T, d] from ``torch.func.jacrev``, then Σ over counted (t, s ≥ t) / N."""
-    tokens, mask = data.tokens, data.mask
+    """M by brute force: J [B, T, V, B, T, d] from ``torch.func.jacrev``, then Σ over counted activation
+    positions t and output positions s / N (``data.output_mask``; the counted positions unless given)."""
+    tokens, mask, outputs = data.tokens, data.mask, data.output_mask
     captured = {}
 
     def grab(act, hook):
@@ -57,12 +58,12 @@ def jacrev_reference(model, data, site: str, metric: str) -> torch.Tensor:
     J = torch.func.jacrev(logits_of)(a0).flatten(5).double()  # [B, T(s), V, B, T(t), d]
     M = torch.zeros(J.shape[-1], J.shape[-1], dtype=torch.float64)
     for b in range(tokens.shape[0]):
-        m = mask[b]
-        Jb = J[b, m][:, :, b, m]  # [s, V, t, d], counted s and t
+        m, o = mask[b], outputs[b]
+        Jb = J[b, o][:, :, b, m]  # [s, V, t, d], output positions s and counted t
         if metric == "mse":
             M += torch.einsum("svtd,svte->de", Jb, Jb)
         else:
-            p = logits[b, m].double().softmax(-1)  # [s, V]
+            p = logits[b, o].double().softmax(-1)  # [s, V]
             pJ = torch.einsum("sv,svtd->std", p, Jb)
             M += torch.einsum("svtd,sv,svte->de", Jb, p, Jb) - torch.einsum("std,ste->de", pJ, pJ)
     return M / mask.sum()
@@ -81,6 +82,43 @@ def test_exact_equals_jacrev_reference_in_float64(metric):
         assert int(stats.tensors[f"jac/{site}/n"]) == data.n_counted
         err = relative_error(stats.jacobian_gram(site), ref)
         assert err < EXACT_RTOL, f"{metric} {site}: relative error {err:.2e}"
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("metric", ["kl", "mse"])
+@pytest.mark.parametrize("count, outputs", [("all", "last"), (None, "last"), ("last", "counted")])
+def test_exact_with_separate_count_and_output_positions_equals_jacrev(metric, count, outputs):
+    """Activations counted at one set of positions, the metric F and the probes at another (SPEC §5b): the
+    oracle sums J_{s,t}ᵀ F_s J_{s,t} over output positions s and counted positions t only."""
+    model = tiny64()
+    tokens = random_tokens(3, 6, seed=4)
+    data = tld.token_batches(model, tokens, batch_size=2, count=count, outputs=outputs)
+    assert data.outputs is None if outputs == "counted" else data.output_mask.sum() == 3
+    stats = tld.collect(model, data, sites=ORACLE_SITES, jacobian=metric, estimator="exact", progress=False)
+    for site in ORACLE_SITES:
+        ref = jacrev_reference(model, data, site, metric)
+        assert int(stats.tensors[f"jac/{site}/n"]) == data.n_counted
+        err = relative_error(stats.jacobian_gram(site), ref)
+        assert err < EXACT_RTOL, f"{metric} {site} count={count} outputs={outputs}: relative error {err:.2e}"
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("metric", ["kl", "mse"])
+def test_probes_at_the_output_positions_average_to_the_exact_statistic(metric):
+    """Probes drawn only at the last position: their mean over many seeds approaches the exact M (unbiased).
+
+    E‖mean − M‖²_F = Σ_entries se² for an unbiased estimator, so a bias would show as ‖mean − M‖_F well above
+    sqrt(Σ se²); 4× that bound is passed by an unbiased estimator except with negligible probability."""
+    model = tiny64()
+    data = tld.token_batches(model, random_tokens(2, 5, seed=5), batch_size=2, count="all", outputs="last")
+    site = "blocks.1.hook_resid_pre"
+    exact = tld.collect(model, data, sites=[site], jacobian=metric, estimator="exact",
+                        progress=False).jacobian_gram(site)
+    draws = torch.stack([tld.collect(model, data, sites=[site], jacobian=metric, n_probes=4, seed=s,
+                                     progress=False).jacobian_gram(site) for s in range(200)])
+    mean, se = draws.mean(0), draws.std(0) / 200 ** 0.5
+    assert float((mean - exact).norm()) <= 4 * float(se.norm())
+    assert float(se.norm()) < 0.1 * float(exact.norm())  # the test has power: the noise is small against M
 
 
 @pytest.mark.tl3

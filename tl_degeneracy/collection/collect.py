@@ -123,7 +123,7 @@ def collect(
     if plan.notes:
         warnings.warn(plan.describe(), stacklevel=2)
     if plan.batch_size != data.batch_size:
-        data = TokenBatches(data.tokens, data.mask, plan.batch_size, data.description)
+        data = data.with_batch_size(plan.batch_size)
 
     meta = {
         "model": adapter.describe(),

@@ -46,8 +46,9 @@ class _StopForward(Exception):
 class BatchContext:
     """What a component sees for one batch.
 
-    ``mask`` [B, T] (on the model's device) marks counted positions; ``increments`` collects this batch's
-    sums; ``generator`` is seeded from (seed, batch index) so a resumed run draws the same probes.
+    ``mask`` [B, T] (on the model's device) marks counted positions; ``output_mask`` the output positions
+    (SPEC §5b; the counted ones unless the data says otherwise); ``increments`` collects this batch's sums;
+    ``generator`` is seeded from (seed, batch index) so a resumed run draws the same probes.
     """
 
     batch: TokenBatch
@@ -56,6 +57,11 @@ class BatchContext:
     generator: torch.Generator
     adapter: ModelAdapter
     precision: str = "accurate"
+    outputs: Bool[torch.Tensor, "batch pos"] | None = None
+
+    @property
+    def output_mask(self) -> Bool[torch.Tensor, "batch pos"]:
+        return self.mask if self.outputs is None else self.outputs
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.increments[key] = self.increments[key] + value if key in self.increments else value
@@ -132,7 +138,8 @@ def run_batch(
     device = adapter.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + batch.index)
-    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision)
+    outputs = None if batch.outputs is None else batch.outputs.to(device)
+    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision, outputs=outputs)
     fwd = [h for c in comps for h in c.fwd_hooks(ctx)]
     bwd = [h for c in comps for h in c.bwd_hooks(ctx)]
     needs_logits = any(c.needs_logits for c in comps)

@@ -214,15 +214,17 @@ class JacobianMoments(Component):
             n = int(ctx.mask.sum())
             for site in self.sites:
                 ctx.add(f"jac/{site}/n", torch.tensor(n, dtype=torch.int64))
-            if n == 0:  # a batch of padding only: nothing to add
+            out_mask = ctx.output_mask  # the output positions s (SPEC §5b); the gradients g_t count at ctx.mask
+            n_out = int(out_mask.sum())
+            if n == 0 or n_out == 0:  # a batch of padding only (or no output position): nothing to add
                 return
             work = torch.promote_types(logits.dtype, torch.float32)
-            # p_s at the counted positions (kl only: F = I needs no probabilities)
-            p = torch.softmax(logits.detach()[ctx.mask].to(work), dim=-1) if self.metric == "kl" else None
+            # p_s at the output positions (kl only: F = I needs no probabilities)
+            p = torch.softmax(logits.detach()[out_mask].to(work), dim=-1) if self.metric == "kl" else None
             out = self._output_map(ctx, state, logits, work)
-            positions = ctx.mask.nonzero()  # [n, 2] (sequence, position), in the order of x[mask]
+            positions = out_mask.nonzero()  # [n_out, 2] (sequence, position), in the order of z[out_mask]
             if self.estimator == "probe":
-                draws = self._probes(ctx, out, p, n, work)
+                draws = self._probes(ctx, out, p, n_out, work)
             else:
                 draws = self._exact_columns(out, p, positions, work)
             outer: dict[str, torch.Tensor] = {}  # Σ over draws of weight · Σ_t g_t g_tᵀ, accumulated in place
@@ -262,7 +264,7 @@ class JacobianMoments(Component):
         x = state.unembed_in
         if x.shape[:-1] != logits.shape[:-1]:
             return _OutputMap(logits, None, logits.shape[-1])
-        idx = ctx.mask.nonzero()[:_UNEMBED_CHECK_ROWS]
+        idx = ctx.output_mask.nonzero()[:_UNEMBED_CHECK_ROWS]
         xr = x.detach()[idx[:, 0], idx[:, 1]].to(work)
         W_U, b_U = un.W_U.to(work), un.b_U.to(work)
         err = (xr @ W_U + b_U - logits.detach()[idx[:, 0], idx[:, 1]].to(work)).abs()
