@@ -36,12 +36,13 @@ from tl_degeneracy.stats import Stats
 
 
 def _components(
-    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int,
+    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int, top_k: int,
     precision: str, head_layers: Sequence[int], neuron_layers: Sequence[int],
 ) -> list[Component]:
     comps: list[Component] = [ActivationMoments(sites)]
     if jacobian is not None and sites:
-        comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes))
+        comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes,
+                                     top_k=top_k))
     if head_layers:
         comps.append(HeadSyncSums(adapter, list(head_layers)))
     if neuron_layers:
@@ -58,6 +59,7 @@ def collect(
     jacobian: str | None = None,
     estimator: str = "probe",
     n_probes: int = 1,
+    top_k: int = 8,
     seed: int = 0,
     head_sync: bool = False,
     neuron_sync: bool = False,
@@ -73,7 +75,10 @@ def collect(
 
     Per site: n, s = Σ_t a_t and S = Σ_t a_t a_tᵀ over counted tokens (SPEC §1), totals in float64. With
     ``jacobian="kl" | "mse"``: Σ_t g_t g_tᵀ with E[g gᵀ] = J_tᵀ F J_t (SPEC §2), K = ``n_probes`` backward
-    passes per batch for all sites together. The model runs in eval mode with frozen parameters (no weight
+    passes per batch for all sites together. ``estimator="topk"`` (KL only; for peaked output distributions):
+    the ``top_k`` largest columns of F^{1/2} exactly plus K tail probes, k + K backward passes per batch
+    (:mod:`tl_degeneracy.collection.probes`); ``"exact"``: T · V backward passes per batch (tiny models).
+    The model runs in eval mode with frozen parameters (no weight
     gradient is ever computed); its mode, ``requires_grad`` flags and the user's own hooks are restored
     afterwards, also after an exception.
 
@@ -99,8 +104,10 @@ def collect(
         site_list = resolve_sites(adapter, sites)
     if jacobian not in (None, "kl", "mse"):
         raise BadInputError(f"jacobian must be None, 'kl' or 'mse', got {jacobian!r}")
-    if estimator not in ("probe", "exact"):
-        raise BadInputError(f"estimator must be 'probe' or 'exact', got {estimator!r}")
+    if estimator not in ("probe", "exact", "topk"):
+        raise BadInputError(f"estimator must be 'probe', 'exact' or 'topk', got {estimator!r}")
+    if estimator == "topk" and (jacobian != "kl" or top_k < 1):
+        raise BadInputError(f"estimator='topk' needs jacobian='kl' and top_k >= 1, got {jacobian!r}, top_k={top_k}")
     if precision not in ("accurate", "fast"):
         raise BadInputError(f"precision must be 'accurate' or 'fast', got {precision!r}")
     if n_probes < 1:
@@ -111,7 +118,7 @@ def collect(
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
-    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
+    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, top_k=top_k, precision=precision)
     comps = _components(adapter, site_list, head_layers=layers if head_sync else [],
                         neuron_layers=layers if neuron_sync else [], **settings)
     adapter.check_hooks([n for c in comps for n in c.hook_names()])
@@ -129,7 +136,8 @@ def collect(
         "model": adapter.describe(),
         "sites": site_list,
         "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
-                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None},
+                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None,
+                     **({"top_k": top_k} if jacobian and estimator == "topk" else {})},
         "head_sync": layers if head_sync else False,
         "neuron_sync": layers if neuron_sync else False,
         "components": {c.meta_key: c.meta() for c in comps},

@@ -60,11 +60,12 @@ from jaxtyping import Float, Int
 
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
+from tl_degeneracy.collection.probes import topk_tail_draws
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import hook_name, site_kind, site_layer
 
 METRICS = ("kl", "mse")
-ESTIMATORS = ("probe", "exact")
+ESTIMATORS = ("probe", "exact", "topk")
 
 #: rows of the batch on which the affine unembedding o = x W_U + b_U is checked before the pass starts at x
 _UNEMBED_CHECK_ROWS = 8
@@ -131,14 +132,17 @@ class JacobianMoments(Component):
 
     ``metric``: ``"kl"`` (F_s = diag(p_s) − p_s p_sᵀ) or ``"mse"`` (F_s = I). ``estimator``: ``"probe"`` (K =
     ``n_probes`` backward passes per batch, probes drawn with the batch's seeded generator, so a resumed run
-    draws the same ones) or ``"exact"`` (T · V backward passes per batch).
+    draws the same ones), ``"exact"`` (T · V backward passes per batch) or, for ``"kl"`` on peaked output
+    distributions, ``"topk"`` (the ``top_k`` largest columns of F^{1/2} exactly plus K sampled tail probes:
+    :mod:`tl_degeneracy.collection.probes`).
     """
 
     needs_logits = True
     meta_key = "JacobianMoments"
 
     def __init__(
-        self, adapter: Any, sites: Sequence[str], *, metric: str = "kl", estimator: str = "probe", n_probes: int = 1
+        self, adapter: Any, sites: Sequence[str], *, metric: str = "kl", estimator: str = "probe", n_probes: int = 1,
+        top_k: int = 8,
     ):
         if metric not in METRICS:
             raise BadInputError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -146,6 +150,9 @@ class JacobianMoments(Component):
             raise BadInputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if n_probes < 1:
             raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
+        if estimator == "topk" and (metric != "kl" or top_k < 1):
+            raise BadInputError(f"estimator='topk' needs jacobian='kl' and top_k >= 1, got {metric!r}, top_k={top_k}")
+        self.top_k = int(top_k)
         self.adapter = as_adapter(adapter)
         self.sites = list(dict.fromkeys(sites))
         self.metric, self.estimator, self.n_probes = metric, estimator, int(n_probes)
@@ -169,9 +176,12 @@ class JacobianMoments(Component):
             "metric": self.metric,
             "F": "diag(p) - p p^T, p = softmax(logits)" if self.metric == "kl" else "identity",
             "estimator": self.estimator,
-            "n_probes": self.n_probes if self.estimator == "probe" else None,
-            "probe": ("e_y - p, y ~ Categorical(p)" if self.metric == "kl" else "Rademacher")
-            if self.estimator == "probe" else "columns of a square root of F",
+            "n_probes": self.n_probes if self.estimator != "exact" else None,
+            "probe": {"probe": "e_y - p, y ~ Categorical(p)" if self.metric == "kl" else "Rademacher",
+                      "exact": "columns of a square root of F",
+                      "topk": "signed top-k columns of a square root of F, and signed sqrt(P_tail) (e_y - p), "
+                              "y ~ p restricted to the tail"}[self.estimator],
+            **({"top_k": self.top_k} if self.estimator == "topk" else {}),
             "leaf_hook": self.leaf,
             "cotangent_space": "unembedding input (d_model)" if self.unembedding is not None else "logits",
         }
@@ -225,6 +235,9 @@ class JacobianMoments(Component):
             positions = out_mask.nonzero()  # [n_out, 2] (sequence, position), in the order of z[out_mask]
             if self.estimator == "probe":
                 draws = self._probes(ctx, out, p, n_out, work)
+            elif self.estimator == "topk":
+                draws = topk_tail_draws(p, out.apply(p), lambda y: out.rows(y, work), top_k=self.top_k,
+                                        n_tail=self.n_probes, generator=ctx.generator)
             else:
                 draws = self._exact_columns(out, p, positions, work)
             outer: dict[str, torch.Tensor] = {}  # Σ over draws of weight · Σ_t g_t g_tᵀ, accumulated in place
