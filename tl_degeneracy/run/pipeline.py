@@ -47,6 +47,7 @@ from tl_degeneracy._io import json_safe, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.run.layout import RunFolder
+from tl_degeneracy.sites import check_layers
 
 __all__ = [
     "RunConfig",
@@ -199,12 +200,9 @@ class RunContext:
     @cached_property
     def layers(self) -> list[int]:
         """The analysed layers, checked against the model."""
-        n_layers = tld.ModelAdapter(self.model).n_layers
-        layers = list(range(n_layers)) if self.config.layers is None else list(self.config.layers)
-        bad = [x for x in layers if not 0 <= x < n_layers]
-        if bad:
-            raise BadInputError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-        return layers
+        if self.config.layers is None:
+            return list(range(tld.ModelAdapter(self.model).n_layers))
+        return check_layers(self.model, self.config.layers, sort=False)
 
     def data(self, *, n_tokens: int | None, batch_size: int) -> tld.TokenBatches:
         """Token batches from ``config.data`` (built once per ``(n_tokens, batch_size)``)."""
