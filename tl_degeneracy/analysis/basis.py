@@ -280,6 +280,7 @@ def interaction_basis(
     D, Q, k1, gram_tol, _ = _gram_step(G64, mu, rtol)
     Q1, sqrt_D1 = Q[:, :k1], D[:k1].sqrt()  # D₁ > tol_G >= 0
     B = Q1 * sqrt_D1  # Q₁ D₁^{1/2}, [d, k₁]
+    _check_psd(torch.linalg.eigvalsh(M64), "M", 0.0)
     M_tilde = B.T @ M64 @ B
     Lam, P = _eigh_descending((M_tilde + M_tilde.T) / 2)
 
@@ -439,10 +440,32 @@ def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
 def _gram_step(G: Tensor, mu: Tensor, rtol: float) -> tuple[Tensor, Tensor, int, float, float]:
     """Step 1: G = Q D Qᵀ (descending), k₁ = #{D_i > tol_G}, tol_G and the noise floor of D."""
     D, Q = _eigh_descending(G)
+    _check_psd(D, "G", (mu @ mu).item())
     d_max = max(D[0].item(), 0.0) if D.numel() else 0.0
     floor = _noise_floor(D, _gram_rounding(D, mu))
     gram_tol = max(rtol * d_max, floor)
     return D, Q, int((D > gram_tol).sum().item()), gram_tol, floor
+
+
+#: relative tolerance of the PSD check: statistics summed from float32 products in float64 are PSD to about
+#: ε₃₂·√(tokens per batch) ≈ 1e-6 of their scale (their largest eigenvalue plus ‖μ‖², which centring cancels);
+#: an eigenvalue below −1e-5 of that scale is not rounding, the matrix is not a Gram matrix
+PSD_RTOL = 1e-5
+
+
+def _check_psd(evals: Tensor, name: str, mean_sq: float) -> None:
+    """Refuse a matrix that is not positive-semidefinite within rounding, naming its most negative eigenvalue."""
+    if not evals.numel():
+        return
+    lowest = evals.min().item()
+    tol = PSD_RTOL * (evals.abs().max().item() + mean_sq) + evals.numel() * _EPS64 * (evals.abs().max().item()
+                                                                                      + mean_sq)
+    if lowest < -tol:
+        raise BadInputError(
+            f"{name} is not positive-semidefinite: its most negative eigenvalue is {lowest:.4g}, beyond the "
+            f"rounding tolerance {tol:.3g}; pass a Gram matrix (1/N) Σ x xᵀ (e.g. stats.gram / stats.jacobian_gram), "
+            "not a difference or an estimate of one"
+        )
 
 
 def _gram_rounding(D: Tensor, mu: Tensor) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tl_degeneracy._io import tensor_path
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
@@ -109,6 +110,8 @@ def collect(
         raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint is None:
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    if checkpoint is not None:  # Stats.save appends .safetensors: resume must look where it was written
+        checkpoint = tensor_path(checkpoint)
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
     settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
@@ -126,7 +129,7 @@ def collect(
         data = TokenBatches(data.tokens, data.mask, plan.batch_size, data.description)
 
     meta = {
-        "model": adapter.describe(),
+        "model": {**adapter.describe(), "weights": adapter.weights_fingerprint()},  # resume/merge compare it
         "sites": site_list,
         "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
                      "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None},
