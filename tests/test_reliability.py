@@ -457,3 +457,20 @@ def test_every_file_of_a_run_is_written_through_the_atomic_writer(args, tmp_path
         rel.add(str(Path(*parts[2:])) if parts[0] == ".staging" else str(Path(*parts)))
     files = {os.path.relpath(p, out) for p in out.rglob("*") if p.is_file()}
     assert files - rel == set()
+
+
+@pytest.mark.tl3
+def test_a_basis_records_the_fingerprints_of_its_statistics_and_checks_its_files(tmp_path):
+    model = make_tiny_model()
+    stats = tld.collect(model, tld.token_batches(model, random_tokens(4, 8), batch_size=2), sites=[SITE],
+                        jacobian="kl", progress=False)
+    basis = tld.interaction_bases(stats)[SITE]
+    assert basis.source["weights"] == stats.meta["model"]["weights"]
+    assert basis.source["data"][0].startswith(stats.meta["data"]["fingerprint"])
+    path = basis.save(tmp_path / "b")
+    assert tld.InteractionBasis.load(path).source == basis.source
+    meta = json.loads((tmp_path / "b.json").read_text())
+    meta["version"] = 99
+    (tmp_path / "b.json").write_text(json.dumps(meta))
+    with pytest.raises(tld.FormatVersionError, match="version 99"):
+        tld.InteractionBasis.load(path)

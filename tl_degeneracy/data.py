@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
+
 from tl_degeneracy._io import load_tensors, tensors_checksum
 from tl_degeneracy.adapter import as_adapter, load_tokenizer
 from tl_degeneracy.errors import BadInputError

@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +38,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
-from tl_degeneracy.errors import BadInputError, NonFiniteError
+from tl_degeneracy._io import (
+    check_format,
+    load_tensors,
+    read_json,
+    save_tensors,
+    tensor_path,
+    tensors_checksum,
+    write_json,
+)
+from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
 __all__ = ["InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
 
@@ -100,6 +109,8 @@ class InteractionBasis:
     gram_tol: float
     lambda_tol: float
     lambda_floor: float
+    #: fingerprints of the statistics it was computed from (model weights, token data), when known
+    source: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def dim(self) -> int:
@@ -189,6 +200,8 @@ class InteractionBasis:
         save_tensors(t_path, {name: getattr(self, name) for name in _TENSOR_FIELDS}, sidecar=False)
         meta: dict[str, Any] = {"format": _FORMAT, "version": _FORMAT_VERSION}
         meta.update({name: getattr(self, name) for name in _SCALAR_FIELDS})
+        meta["source"] = self.source
+        meta["sha256"] = tensors_checksum({name: getattr(self, name) for name in _TENSOR_FIELDS})
         write_json(json_path, meta, indent=2, nan_to_null=False)
         return t_path
 
@@ -198,14 +211,20 @@ class InteractionBasis:
         t_path, json_path = _paths(path)
         if not t_path.exists() or not json_path.exists():
             raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionBasis.save")
-        meta = read_json(json_path)
+        meta = read_json(json_path, what="InteractionBasis file")
+        if meta.get("format") == _FORMAT:
+            check_format(meta.get("version"), _FORMAT_VERSION, json_path, writer=meta.get("library_version"),
+                         what="InteractionBasis file")
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
             raise BadInputError(
                 f"{json_path} is not an InteractionBasis file of version {_FORMAT_VERSION} "
                 f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
             )
         tensors, _ = load_tensors(t_path, device=device, what="InteractionBasis tensor file")
-        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS})
+        if meta.get("sha256") not in (None, tensors_checksum(tensors)):
+            raise CorruptFileError(f"{t_path} does not belong to {json_path} (their checksums differ); recompute it")
+        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS},
+                   source=meta.get("source"))
 
 
 def interaction_basis(
@@ -417,10 +436,20 @@ def interaction_bases(
         mean = stats.mean(site) if center else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bases[site] = interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling)
+            bases[site] = dataclasses.replace(
+                interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling), source=stats_source(stats))
         for w in caught:
             warnings.warn(f"{site}: {w.message}", w.category, stacklevel=2)
     return bases
+
+
+def stats_source(stats: Any) -> dict[str, Any] | None:
+    """The fingerprints a basis records of the statistics it came from: model weights and token data."""
+    meta = getattr(stats, "meta", None)
+    if not isinstance(meta, dict):
+        return None
+    draws = stats._draws() if hasattr(stats, "_draws") else []
+    return {"weights": (meta.get("model") or {}).get("weights"), "data": draws}
 
 
 def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:

@@ -27,6 +27,7 @@ so (:meth:`Stage.unavailable`) instead of running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -494,8 +495,8 @@ def _forward_warnings(log: Callable[[str], None]) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------
 def _stats_settings(c: RunConfig) -> dict[str, Any]:
     return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
-            "layers": c.layers, "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes, "precision": c.precision,
-            "n_tokens": c.n_tokens,
+            "layers": c.layers, "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes,
+            "precision": c.precision, "n_tokens": c.n_tokens,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "sync": c.sync, "seed": c.seed}
 
 
@@ -566,7 +567,8 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
         )
     with _forward_warnings(ctx.log):
         bases = tld.interaction_bases(stats, center=True, rtol=c.rtol, atol=c.atol, scaling="sqrt_lambda")
-        pcas = {site: tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol) for site in bases}
+        pcas = {site: dataclasses.replace(tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol),
+                                          source=bases[site].source) for site in bases}
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):
