@@ -474,3 +474,15 @@ def test_a_basis_records_the_fingerprints_of_its_statistics_and_checks_its_files
     (tmp_path / "b.json").write_text(json.dumps(meta))
     with pytest.raises(tld.FormatVersionError, match="version 99"):
         tld.InteractionBasis.load(path)
+
+
+@pytest.mark.tl3
+def test_collect_refuses_an_exact_estimator_on_a_large_input_before_compute(monkeypatch):
+    model = make_tiny_model(d_vocab=600, n_ctx=16)
+    data = tld.token_batches(model, random_tokens(2, 16, vocab=600), batch_size=2)  # T·V = 9600 backwards
+    engine = importlib.import_module("tl_degeneracy.collection.engine")
+    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: pytest.fail("computed before refusing"))
+    with pytest.raises(tld.BadInputError, match="allow_expensive"):
+        tld.collect(model, data, sites=[SITE], jacobian="kl", estimator="exact", progress=False)
+    with pytest.raises(tld.BadInputError, match="n_probes=100000"):
+        tld.collect(model, data, sites=[SITE], jacobian="kl", n_probes=100_000, progress=False)

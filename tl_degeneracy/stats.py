@@ -181,13 +181,6 @@ class Stats:
         fp = (self.meta.get("data") or {}).get("fingerprint")
         return [f"{fp}|seed{(self.meta.get('jacobian') or {}).get('seed')}"] if fp else []
 
-    def data_fingerprints(self) -> list[str]:
-        """Fingerprints of the token data these totals were collected on (several after :meth:`merge`)."""
-        if "data_fingerprints" in self.meta:
-            return list(self.meta["data_fingerprints"])
-        fp = (self.meta.get("data") or {}).get("fingerprint")
-        return [fp] if fp else []
-
     # ---- storage --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, metadata JSON in its header) and a readable ``.json`` sidecar.

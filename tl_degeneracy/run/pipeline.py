@@ -342,7 +342,8 @@ def read_marker(out: Path, name: str, *, log: Callable[[str], None] | None = Non
         p = out / rel
         why = None if p.is_file() else f"its output '{p}' is missing"
         if why is None and p.suffix == ".safetensors":
-            why = verify_tensor_file(p)
+            st = p.stat()
+            why = _verified(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
         elif why is None and p.suffix == ".json":
             try:
                 read_json(p)
@@ -353,6 +354,13 @@ def read_marker(out: Path, name: str, *, log: Callable[[str], None] | None = Non
                 log(f"{name}: {why}; it runs again")
             return None
     return marker
+
+
+@functools.lru_cache(maxsize=256)
+def _verified(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+    """:func:`verify_tensor_file`, once per process for a file that has not changed (a plan reads a marker's
+    outputs several times; the statistics of a large model are gigabytes)."""
+    return verify_tensor_file(path)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
