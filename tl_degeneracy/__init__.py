@@ -40,6 +40,8 @@ from tl_degeneracy.data import (
 )
 from tl_degeneracy.errors import (
     BadInputError,
+    CorruptFileError,
+    FormatVersionError,
     IncompatibleStatsError,
     NonFiniteError,
     SamplerDivergedError,
@@ -55,6 +57,8 @@ __all__ = [
     "BadInputError",
     "HeadSync",
     "IncompatibleStatsError",
+    "CorruptFileError",
+    "FormatVersionError",
     "InteractionBasis",
     "LLCResult",
     "LLCScaleSweep",

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,13 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
-from safetensors.torch import load_file
 
+from tl_degeneracy._io import load_tensors, tensors_checksum
 from tl_degeneracy.adapter import as_adapter, load_tokenizer
 from tl_degeneracy.errors import BadInputError
+
+#: fewer counted tokens than this fraction of the ``n_tokens`` asked for is refused by :func:`load_data`
+MIN_TOKEN_FRACTION = 0.1
 
 #: folder of the data shipped with the project (the bundled model and token files); the repository's
 #: ``data/`` (a source checkout or an editable install), or ``$TL_DEGENERACY_DATA`` when set
@@ -68,6 +72,13 @@ class TokenBatches:
             raise BadInputError(f"outputs {tuple(self.outputs.shape)} must match mask {tuple(self.mask.shape)}")
         if self.batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tokens.dtype.is_floating_point or self.tokens.dtype.is_complex or self.tokens.dtype == torch.bool:
+            raise BadInputError(
+                f"tokens must be integer ids, got dtype {self.tokens.dtype}; convert with .long() after checking "
+                "that every id is a whole number"
+            )
+        if self.mask.dtype != torch.bool:
+            raise BadInputError(f"mask must be a bool tensor, got dtype {self.mask.dtype}")
 
     def __len__(self) -> int:
         return -(-self.tokens.shape[0] // self.batch_size)
@@ -104,7 +115,14 @@ class TokenBatches:
             "n_batches": len(self),
             "n_counted": self.n_counted,
             **({} if self.outputs is None else {"n_outputs": int(self.outputs.sum())}),
+            "fingerprint": self.fingerprint,
         }
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the ids and the mask: the identity of the data in statistics, checkpoints and markers."""
+        parts = {"tokens": self.tokens.long(), "mask": self.mask}
+        return tensors_checksum(parts if self.outputs is None else {**parts, "outputs": self.outputs})
 
     def validate_for(self, model: Any) -> None:
         """Check ids and length against a model (the model may differ from the one that built the batches)."""
@@ -211,10 +229,7 @@ def token_batches(
         path = Path(source) if Path(source).exists() else bundled_data_path(str(source))
         if not path.exists():
             raise BadInputError(f"token file '{source}' not found")
-        entries = load_file(str(path))
-        if "tokens" not in entries or entries["tokens"].ndim != 1:
-            raise BadInputError(f"'{path}' must hold a 1-D 'tokens' entry (a token stream)")
-        tokens, pad = _chunk(entries["tokens"].long(), seq_len, bos, pad_id)
+        tokens, pad = _chunk(_token_stream(path), seq_len, bos, pad_id)
         desc = {"source": "token file", "path": str(path)}
     elif isinstance(source, str):
         raise BadInputError(
@@ -291,6 +306,23 @@ def _describe_positions(choice: str | torch.Tensor | None, include_bos: bool) ->
     if isinstance(choice, str):
         return choice
     return f"mask of {int(choice.sum())} positions, shape {list(choice.shape)}"
+
+
+def _token_stream(path: Path) -> torch.Tensor:
+    """The 1-D ``"tokens"`` entry of a token file as int64; float ids must be whole numbers."""
+    entries, _ = load_tensors(path, what="token file")
+    stream = entries.get("tokens")
+    if stream is None or stream.ndim != 1:
+        raise BadInputError(f"'{path}' must hold a 1-D 'tokens' entry (a token stream)")
+    if stream.dtype.is_floating_point:
+        if not bool(torch.isfinite(stream).all()) or bool((stream != stream.round()).any()):
+            raise BadInputError(
+                f"'{path}' holds float token ids that are not whole numbers; token ids are integers: "
+                "write the file with an integer dtype (e.g. tokens.long())"
+            )
+    elif stream.dtype == torch.bool or stream.dtype.is_complex:
+        raise BadInputError(f"'{path}': 'tokens' has dtype {stream.dtype}; token ids are integers")
+    return stream.long()
 
 
 def _texts(source: Any, text_column: str | None) -> tuple[list[str], dict[str, Any]]:
@@ -400,20 +432,52 @@ def load_data(model: Any, source: str | None, *, seq_len: int, batch_size: int,
     if path.suffix == ".safetensors" and path.is_file():
         texts = _bundled_texts_for(model, path)
         if texts is None:
-            return token_batches(model, path, **kwargs)
+            return _enough(token_batches(model, path, **kwargs), n_tokens, source)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise BadInputError(f"--data folder '{path}' holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        texts = [p.read_text(errors="replace") for p in files]
+        texts = [_read_text(p) for p in files]
     elif path.is_file():
-        texts = [path.read_text(errors="replace")]
+        texts = [_read_text(path)]
     else:
         raise BadInputError(
             f"--data '{source}': no such file or folder, and no bundled data set of that name in "
             f"{bundled_data_path(str(source)).parent}"
         )
-    return _texts_to_batches(model, texts, **kwargs)
+    return _enough(_texts_to_batches(model, texts, **kwargs), n_tokens, source)
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; an empty or binary file (NUL bytes, not UTF-8) is refused."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise BadInputError(f"--data file '{path}' is empty; give a file with text in it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise BadInputError(
+            f"--data file '{path}' is not UTF-8 text (a binary file?); give a text file, a folder of text "
+            "files or a .safetensors token file"
+        )
+    return text
+
+
+def _enough(batches: TokenBatches, n_tokens: int | None, source: Any) -> TokenBatches:
+    """Warn when the data holds fewer counted tokens than asked for; refuse below ``MIN_TOKEN_FRACTION``."""
+    if n_tokens is None or batches.n_counted >= n_tokens:
+        return batches
+    have = batches.n_counted
+    if have < MIN_TOKEN_FRACTION * n_tokens:
+        raise BadInputError(
+            f"--data '{source}' gives {have} counted tokens, under {MIN_TOKEN_FRACTION:.0%} of the {n_tokens} asked "
+            f"for; give more data or lower --n-tokens to at most {have}"
+        )
+    warnings.warn(f"--data '{source}' gives {have} counted tokens, fewer than the {n_tokens} asked for; "
+                  f"the statistics use {have}", stacklevel=3)
+    return batches
 
 
 def _texts_to_batches(model: Any, texts: list[str], *, n_tokens: int | None, **kwargs: Any) -> TokenBatches:
@@ -449,7 +513,7 @@ def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
         return None
     if tokenizer is None or tokenizer.get_vocab() == bundled.get_vocab():
         return None
-    stream = load_file(str(path))["tokens"].long()
+    stream = _token_stream(path)
     eot = bundled.eos_token_id
     cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
     texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tl_degeneracy._io import tensor_path
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
@@ -33,6 +34,9 @@ from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import check_layers, resolve_sites
 from tl_degeneracy.stats import Stats
+
+#: backward passes per batch above which collect refuses without ``allow_expensive=True``
+MAX_BACKWARDS_PER_BATCH = 4096
 
 
 def _components(
@@ -70,6 +74,7 @@ def collect(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
+    allow_expensive: bool = False,
 ) -> Stats:
     """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
 
@@ -94,6 +99,9 @@ def collect(
     ``checkpoint``: a ``.safetensors`` path rewritten atomically every ``checkpoint_every`` batches and at the
     end; ``resume=True`` continues from it (same model, sites, settings and data, else
     :class:`IncompatibleStatsError`), giving the same totals as an uninterrupted run.
+
+    Cost guard: more than :data:`MAX_BACKWARDS_PER_BATCH` backward passes per batch (``n_probes``, or T·V
+    for ``estimator="exact"``) is refused before anything runs unless ``allow_expensive=True``.
     """
     adapter = as_adapter(model)
     if not isinstance(data, TokenBatches):
@@ -112,10 +120,22 @@ def collect(
         raise BadInputError(f"precision must be 'accurate' or 'fast', got {precision!r}")
     if n_probes < 1:
         raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
+    if jacobian is not None and not allow_expensive:
+        backwards = data.seq_len * adapter.d_vocab if estimator == "exact" else n_probes
+        if backwards > MAX_BACKWARDS_PER_BATCH:
+            what = (f"estimator='exact' needs T·V = {data.seq_len}·{adapter.d_vocab}" if estimator == "exact"
+                    else f"n_probes={n_probes} needs {n_probes}")
+            raise BadInputError(
+                f"{what} = {backwards} backward passes per batch of {len(data)} batches (hours or days); "
+                f"at most {MAX_BACKWARDS_PER_BATCH} run without asking: use estimator='probe' with a few probes, "
+                "or pass allow_expensive=True"
+            )
     if checkpoint_every < 1:
         raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint is None:
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    if checkpoint is not None:  # Stats.save appends .safetensors: resume must look where it was written
+        checkpoint = tensor_path(checkpoint)
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
     settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, top_k=top_k, precision=precision)
@@ -133,7 +153,7 @@ def collect(
         data = data.with_batch_size(plan.batch_size)
 
     meta = {
-        "model": adapter.describe(),
+        "model": {**adapter.describe(), "weights": adapter.weights_fingerprint()},  # resume/merge compare it
         "sites": site_list,
         "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
                      "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None,

@@ -117,9 +117,17 @@ def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
 
 @contextlib.contextmanager
 def accurate_matmuls() -> Iterator[None]:
-    """float32 products with TF32 off (SPEC §1); previous settings restored."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision())
+    """float32 products with TF32 off (SPEC §1); previous settings restored, through the API the user set them
+    with: PyTorch refuses to mix the legacy ``allow_tf32`` flags with the newer ``fp32_precision`` ones."""
+    try:
+        prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision())
+    except RuntimeError:  # the user set precision through the new API: use it too
+        prev = None
+    if prev is None:
+        with _ieee_fp32():
+            yield
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -129,6 +137,25 @@ def accurate_matmuls() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev[0], prev[1]
         torch.set_float32_matmul_precision(prev[2])
 
+
+#: the fp32_precision settings (PyTorch >= 2.9) that may lower float32 matmul precision
+_FP32_BACKENDS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"))
+
+
+@contextlib.contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """``fp32_precision = "ieee"`` on every backend that has it; previous values restored."""
+    targets = [getattr(getattr(torch.backends, b), op) for b, op in _FP32_BACKENDS
+               if hasattr(getattr(torch.backends, b, None), op)]
+    targets = [t for t in targets if hasattr(t, "fp32_precision")]
+    prev = [t.fp32_precision for t in targets]
+    try:
+        for t in targets:
+            t.fp32_precision = "ieee"
+        yield
+    finally:
+        for t, value in zip(targets, prev, strict=True):
+            t.fp32_precision = value
 
 
 def run_batch(

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from tl_degeneracy._io import write_json
 from tl_degeneracy._version import __version__
-from tl_degeneracy.errors import TLDegeneracyError
+from tl_degeneracy.errors import BadInputError, TLDegeneracyError
 from tl_degeneracy.run import report
 from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.run.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages
@@ -211,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("stages and output")
     g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
                    help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
-    g.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
+    g.add_argument("--force", action="store_true",
+                   help="recompute stages whose outputs already exist (the old outputs stay until the new ones are "
+                        "complete); discards a partial statistics checkpoint instead of resuming it")
+    g.add_argument("--yes", action="store_true",
+                   help="run settings refused as absurdly expensive (e.g. --n-probes above 256)")
     g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
                    help="run folder (default ./tl-degeneracy-run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -299,7 +304,23 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         "machine": _machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    if args.n_probes > MAX_PROBES and not args.yes:
+        raise BadInputError(
+            f"--n-probes {args.n_probes} means {args.n_probes} backward passes per batch (hours on any model); "
+            f"at most {MAX_PROBES} runs without asking: pass --yes to run it anyway"
+        )
+    folder = RunFolder(out)
+    folder.claim()  # refuses someone else's non-empty folder before anything is written in it
+    with folder.lock():
+        return _run_locked(args, config, out, stages, explicit, record)
+
+
+#: --n-probes above this is refused without --yes (each probe is one backward pass per batch)
+MAX_PROBES = 256
+
+
+def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: list[str], explicit: bool,
+                record: dict[str, Any]) -> int:
     previous = _previous_runs(out)
     write_json(RunFolder(out).run_json, {**record, "result": "running", "previous_runs": previous})
     t0 = time.perf_counter()
@@ -358,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (TLDegeneracyError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:  # a file no reader mapped
+        print(f"error: a file could not be read (corrupted or truncated?): {type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
         return 1
 
 
