@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, random_tokens
+from tiny import make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy import _io
