@@ -6,6 +6,7 @@ run folder. Layout::
     run.json                     the invocation (command, arguments, versions, machine, timings)
     stats.safetensors/.json      streamed statistics (stats stage); stats.partial.* while it runs
     bases/{site}.{kind}.*        interaction and PCA bases (basis stage)
+    ablation/{site}.{kind}.*     ablation curves of those bases (ablate stage)
     sync/{heads|neurons}.layer{l}.*, sync/summary.json      synchronisation (sync stage)
     llc/{selection}/llc.*, llc/scale/, llc/summary.json    LLC estimates and the nβ sweep (llc stage)
     stages/{stage}.json          markers of finished stages (written last)
@@ -76,6 +77,20 @@ class RunFolder:
         """site -> tensor file of every saved basis of ``kind``."""
         suffix = f".{kind}.safetensors"
         return {p.name.removesuffix(suffix): p for p in sorted(self.bases.glob(f"*{suffix}"))}
+
+    # ---- ablation curves ------------------------------------------------------------------------------
+    @property
+    def ablation(self) -> Path:
+        return self.root / "ablation"
+
+    def ablation_curve(self, site: str, kind: str) -> Path:
+        """Where the ablation curve of the ``kind`` basis of ``site`` is saved (``AblationCurve.save``)."""
+        return self.ablation / f"{site}.{kind}"
+
+    def saved_ablation_curves(self, kind: str) -> dict[str, Path]:
+        """site -> tensor file of every saved ablation curve of ``kind``."""
+        suffix = f".{kind}.safetensors"
+        return {p.name.removesuffix(suffix): p for p in sorted(self.ablation.glob(f"*{suffix}"))}
 
     # ---- synchronisation ----------------------------------------------------------------------------
     @property

@@ -6,6 +6,8 @@ Each stage is a :class:`Stage` in the registry :data:`STAGES`, run in this order
   neuron synchronisation sums) → ``stats.safetensors``; checkpointed to ``stats.partial.safetensors`` so an
   interrupted pass resumes where it stopped;
 - ``basis``: interaction and PCA bases of every site → ``bases/``;
+- ``ablate``: ablation curves (KL against kept directions, measured and predicted) of the interaction and
+  PCA bases at every site, on a token budget of its own (``ablate_n_tokens``) → ``ablation/``;
 - ``sync``: head and neuron synchronisation per layer → ``sync/``;
 - ``llc``: behavioral LLC of the whole model and of each layer, and an nβ sweep for λ(ε) → ``llc/``;
 - ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.run.report.write_report`).
@@ -97,6 +99,9 @@ class RunConfig:
     sync_measure: str = "normalized_distance"
     tau_heads: float = 0.05
     tau_neurons: float = 0.05
+    ablate_n_tokens: int = 1024
+    ablate_batch_size: int = 8
+    ablate_tolerance: float = 0.01
     llc_params: tuple[str, ...] = ("all", "blocks.{l}")
     llc_nbeta: float = 1e4
     llc_nbetas: tuple[float, ...] = ()
@@ -268,7 +273,7 @@ def register(stage: Stage) -> Stage:
 def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
     """Every registered stage the configuration asks for: no ``basis`` without a Jacobian, no ``sync``
     without synchronisation sums, no ``llc`` when switched off."""
-    skip = {"basis"} if config.jacobian is None else set()
+    skip = {"basis", "ablate"} if config.jacobian is None else set()
     if not config.sync:
         skip.add("sync")
     if not llc:
@@ -463,6 +468,48 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     return outputs, summary
 
 
+def _ablate_settings(c: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(c.model), "data": data_identity(c.data), "n_tokens": c.ablate_n_tokens,
+            "batch_size": c.ablate_batch_size, "seq_len": c.seq_len, "loss": "kl", "keep": "schedule",
+            "tolerance": c.ablate_tolerance}
+
+
+def _check_ablate(ctx: RunContext) -> None:
+    c = ctx.config
+    if not (isinstance(c.ablate_tolerance, int | float) and math.isfinite(c.ablate_tolerance)
+            and c.ablate_tolerance >= 0):
+        raise BadInputError(f"ablate_tolerance must be a finite number >= 0, got {c.ablate_tolerance!r}")
+    ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+
+
+def _run_ablate(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """KL ablation curves of the interaction and PCA bases at every site, with the quadratic prediction."""
+    c = ctx.config
+    stats = tld.Stats.load(ctx.folder.stats)
+    with_prediction = (stats.meta.get("jacobian") or {}).get("metric") == "kl"
+    data = ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+    folder = ctx.folder.ablation
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*"):
+        old.unlink()
+    outputs, summary = [], {}
+    sites = ctx.folder.saved_bases("interaction")
+    for site, ib_path in sites.items():
+        bases = {"interaction": tld.InteractionBasis.load(ib_path),
+                 "pca": tld.InteractionBasis.load(ctx.folder.saved_bases("pca")[site])}
+        ctx.log(f"ablate: {site}")
+        with _forward_warnings(ctx.log):
+            curves = tld.ablation_curves(ctx.model, data, bases, site=site, loss="kl",
+                                         stats=stats if with_prediction else None, progress=ctx.progress)
+        summary[site] = {}
+        for kind, curve in curves.items():
+            path = curve.save(ctx.folder.ablation_curve(site, kind))
+            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+            summary[site][kind] = {"directions_needed": tld.directions_needed(curve, c.ablate_tolerance),
+                                   "dim": curve.dim, "kl_at_dim": float(curve.loss[-1])}
+    return outputs, {"tolerance": c.ablate_tolerance, "sites": summary}
+
+
 def _sync_settings(c: RunConfig) -> dict[str, Any]:
     return {"measure": c.sync_measure, "tau_heads": c.tau_heads, "tau_neurons": c.tau_neurons}
 
@@ -574,6 +621,9 @@ register(Stage("stats", "stream activation, Jacobian and synchronisation statist
                _run_stats, _stats_settings, requires=("collect", "resolve_sites", "load_model"), check=_check_stats))
 register(Stage("basis", "interaction and PCA bases per site", _run_basis, _basis_settings, after=("stats",),
                requires=("interaction_bases", "pca_basis")))
+register(Stage("ablate", "ablation curves of the interaction and PCA bases per site (KL, measured and predicted)",
+               _run_ablate, _ablate_settings, after=("stats", "basis"),
+               requires=("ablation_curves", "directions_needed"), check=_check_ablate))
 register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
                requires=("head_sync", "neuron_sync")))
 register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,
