@@ -169,7 +169,8 @@ def test_run_writes_every_promised_file(full_run):
     expected += [f"bases/{s}.{k}.{e}" for s in sites for k in ("interaction", "pca") for e in ("safetensors", "json")]
     expected += [f"sync/{k}.layer{x}.safetensors" for k in ("heads", "neurons") for x in range(N_LAYERS)]
     expected += [f"llc/{sel}/llc.{e}" for sel in ("all", "blocks.0", "blocks.1") for e in ("json", "safetensors")]
-    expected += [f"ablation/{s}.{k}.{e}" for s in sites for k in ("interaction", "pca") for e in ("safetensors", "json")]
+    expected += [f"ablation/{s}.{k}.{e}" for s in sites for k in ("interaction", "pca")
+                 for e in ("safetensors", "json")]
     expected += [f"stages/{s}.json" for s in ("stats", "basis", "ablate", "sync", "llc")]
     missing = [p for p in expected if not (full_run / p).is_file()]
     assert not missing
