@@ -424,21 +424,24 @@ def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], *, tolerance: 
     colors = {"interaction": "tab:blue", "pca": "tab:orange"}
     for ax, site in zip(axes, sites, strict=False):
         label = "loss"
+        # values below 1e-12 of the largest loss on the panel are rounding (e.g. the prediction at k = dim)
+        top = max(float(c.loss.max()) for c in curves[site].values() if c.loss.numel())
+        floor = 1e-12 * top if top > 0 else 0.0
         for kind, curve in curves[site].items():
             color = colors.get(kind, "tab:gray")
             k = np.asarray(curve.keep)
             loss = curve.loss.detach().cpu().double().numpy()
-            pos = loss > 0
+            pos = loss > floor
             ax.plot(k[pos], loss[pos], "o-", color=color, ms=3, lw=1.3, label=f"{kind} measured")
             if curve.predicted is not None:
                 pred = curve.predicted.detach().cpu().double().numpy()
-                ax.plot(k[pred > 0], pred[pred > 0], "--", color=color, lw=1.1, label=f"{kind} predicted")
+                ax.plot(k[pred > floor], pred[pred > floor], "--", color=color, lw=1.1, label=f"{kind} predicted")
             label = {"kl": "KL(p ‖ p_ablated)", "ce": "Δ cross-entropy", "top1": "argmax changed"}.get(
                 curve.loss_kind, curve.loss_kind)
         if tolerance is not None and tolerance > 0:
             ax.axhline(tolerance, color="black", ls=":", lw=0.8)
         ax.set_yscale("log")
-        ax.set_title(_site_label(site), fontsize=10)
+        ax.set_title(site, fontsize=9)
         ax.set_xlabel("directions kept k")
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)
