@@ -354,3 +354,29 @@ def test_bundled_model_interaction_basis_needs_no_more_directions_than_pca():
     assert all(ib_kl <= 1.10 * pca_kl + 1e-6 for _, ib_kl, pca_kl in pairs), [p for p in pairs if p[1] > p[2]]
     assert len(below) >= 0.75 * len(common), (len(below), len(common))
     assert c_ib.loss[-1].item() < 1e-4 * c_ib.loss[0].item()
+
+
+class _LastPositionOutputs(tld.TokenBatches):
+    """Batches that carry an output mask (SPEC §5b): outputs at the last position only."""
+
+    def __iter__(self):
+        from types import SimpleNamespace
+
+        for batch in super().__iter__():
+            out = torch.zeros_like(batch.mask)
+            out[:, -1] = True
+            yield SimpleNamespace(tokens=batch.tokens, mask=batch.mask, index=batch.index, output_mask=out)
+
+
+def test_output_mask_selects_the_positions_the_loss_averages_over(setup):
+    model, tokens, data, stats, bases = setup
+    ib = bases[SITE]["interaction"]
+    last = _LastPositionOutputs(data.tokens, data.mask, data.batch_size)
+    curve = tld.ablation_curve(model, last, ib, site=SITE, keep=[2], progress=False)
+    assert curve.n_tokens == tokens.shape[0]  # one output per row
+    with torch.no_grad():
+        ref = model(tokens).double().log_softmax(-1)[:, -1]
+        new = model.run_with_hooks(tokens, fwd_hooks=ib.ablation_hooks(SITE, keep=2, mask=data.mask))
+        new = new.double().log_softmax(-1)[:, -1]
+    expected = (ref.exp() * (ref - new)).sum(-1).mean().item()
+    assert curve.loss[0].item() == pytest.approx(expected, rel=1e-6)

@@ -256,7 +256,8 @@ def ablation_curves(
     ``μ + C⁺[:, :k] C[:k] (a − μ)`` and the loss against the unablated model is measured (see
     :func:`measure_losses`). With ``stats`` holding KL Jacobian statistics of the site (``collect(...,
     jacobian="kl")``) each curve also gets ``predicted = ½ tr(M (I − P_k) G_c (I − P_k)ᵀ)`` (paper §6,
-    footnote 5; SPEC §5c), a prediction of the KL (``loss="kl"`` only).
+    footnote 5; SPEC §5c), a prediction of the KL (``loss="kl"`` only), times N_counted / N_outputs when the
+    batches carry an output mask other than the counted mask (M is per counted token, the KL per output).
 
     Everything is checked before any batch runs: the site, each basis's input dimension, ``keep``, the loss
     and the statistics.
@@ -295,7 +296,11 @@ def ablation_curves(
     curves = {}
     for name, ks in schedules.items():
         losses = torch.stack([measured.losses[order.index((name, k))] for k in ks])
-        predicted = None if G_c is None else bases[name].predicted_kl(G_c, M, ks)
+        predicted = None
+        if G_c is not None:
+            # M is per counted token (SPEC §5b: Σ over counted t of Σ over outputs s ≥ t, / N counted) while the
+            # KL is averaged over output positions: scale by N_counted / N_outputs (1 when the masks agree)
+            predicted = bases[name].predicted_kl(G_c, M, ks) * (data.n_counted / measured.n_tokens)
         meta = {"forwards_per_point": len(data), "unablated_forwards": len(data), "seconds": measured.seconds,
                 "basis_kind": getattr(bases[name], "kind", name), "data": data.describe()}
         curves[name] = AblationCurve(site=site, kind=getattr(bases[name], "kind", name), keep=ks, loss=losses,
