@@ -321,3 +321,33 @@ def test_default_run_uses_the_bundled_model_and_data(tmp_path):
         assert [r["site"] for r in csv.DictReader(f)] == ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
     _check_png(out / "plots" / "spectra.png")
     assert os.path.getsize(out / "index.md") > 0
+
+
+def test_interrupted_ablate_stage_resumes_site_by_site(tiny_args, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ablate"
+    shutil.copytree(full_run, out)
+    (out / "stages" / "ablate.json").unlink()
+    shutil.rmtree(out / "ablation")
+    real, calls = tld.ablation_curves, []
+
+    def interrupt_after_one(*args, **kwargs):
+        calls.append(kwargs["site"])
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tld, "ablation_curves", interrupt_after_one)
+    assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 130
+    first = calls[0]
+    before = (out / "ablation" / f"{first}.interaction.safetensors").read_bytes()
+    assert (out / "ablation" / "partial.json").is_file()
+
+    again = []
+    monkeypatch.setattr(tld, "ablation_curves", lambda *a, **k: again.append(k["site"]) or real(*a, **k))
+    assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 0
+    assert first not in again and len(again) == len(list((full_run / "bases").glob("*.interaction.safetensors"))) - 1
+    assert (out / "ablation" / f"{first}.interaction.safetensors").read_bytes() == before
+    assert not (out / "ablation" / "partial.json").exists()
+    for path in (full_run / "ablation").glob("*.safetensors"):  # same curves as the uninterrupted run
+        a, b = tld.AblationCurve.load(path), tld.AblationCurve.load(out / "ablation" / path.name)
+        assert torch.equal(a.loss, b.loss)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy._io import json_safe, write_json
+from tl_degeneracy._io import json_safe, tensor_path, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.run.layout import RunFolder
@@ -489,24 +489,36 @@ def _run_ablate(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     with_prediction = (stats.meta.get("jacobian") or {}).get("metric") == "kl"
     data = ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
     folder = ctx.folder.ablation
+    # an interrupted stage resumes site by site: partial.json names the settings and the bases it was run for
+    partial = folder / "partial.json"
+    identity = json_safe({"settings": _ablate_settings(c), "basis": (read_marker(ctx.out, "basis") or {}).get("id")})
+    resume = partial.is_file() and json.loads(partial.read_text()) == identity
     folder.mkdir(exist_ok=True)
-    for old in folder.glob("*"):
-        old.unlink()
+    if not resume:
+        for old in folder.glob("*"):
+            old.unlink()
+        write_json(partial, identity)
     outputs, summary = [], {}
     sites = ctx.folder.saved_bases("interaction")
     for site, ib_path in sites.items():
         bases = {"interaction": tld.InteractionBasis.load(ib_path),
                  "pca": tld.InteractionBasis.load(ctx.folder.saved_bases("pca")[site])}
-        ctx.log(f"ablate: {site}")
-        with _forward_warnings(ctx.log):
-            curves = tld.ablation_curves(ctx.model, data, bases, site=site, loss="kl",
-                                         stats=stats if with_prediction else None, progress=ctx.progress)
+        done = [tensor_path(ctx.folder.ablation_curve(site, kind)) for kind in bases]
+        if resume and all(p.is_file() and p.with_suffix(".json").is_file() for p in done):
+            ctx.log(f"ablate: {site} (done before the interruption)")
+            curves = {kind: tld.AblationCurve.load(p) for kind, p in zip(bases, done, strict=True)}
+        else:
+            ctx.log(f"ablate: {site}")
+            with _forward_warnings(ctx.log):
+                curves = tld.ablation_curves(ctx.model, data, bases, site=site, loss="kl",
+                                             stats=stats if with_prediction else None, progress=ctx.progress)
         summary[site] = {}
         for kind, curve in curves.items():
             path = curve.save(ctx.folder.ablation_curve(site, kind))
             outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
             summary[site][kind] = {"directions_needed": tld.directions_needed(curve, c.ablate_tolerance),
                                    "dim": curve.dim, "kl_at_dim": float(curve.loss[-1])}
+    partial.unlink(missing_ok=True)
     return outputs, {"tolerance": c.ablate_tolerance, "sites": summary}
 
 
