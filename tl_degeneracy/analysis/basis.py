@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ from tl_degeneracy._io import (
     tensors_checksum,
     write_json,
 )
+from tl_degeneracy.analysis.ablation import predicted_kl, projection_hook
 from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
 __all__ = ["InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
@@ -156,6 +158,39 @@ class InteractionBasis:
         C_pinv = self.C_pinv.to(f.device)
         mu = self.mean.to(f.device)
         return (f.to(torch.float64) @ C_pinv.T + mu).to(out_dtype)
+
+    def ablation_hooks(
+        self, site: str, *, keep: int, mask: Tensor | None = None
+    ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+        """Forward hooks that keep only the top ``keep`` directions of this basis at ``site`` (SPEC §5c).
+
+        Every position's activation a (or those where ``mask`` [B, T] is true) becomes
+        ``μ + C⁺[:, :k] C[:k] (a − μ)``: the dropped directions and the ones the basis discarded at its
+        tolerance are replaced by their mean. Use with ``model.hooks(fwd_hooks=...)`` on either
+        TransformerLens major; on 4.x ``hook_resid_mid`` feeds only the MLP, so wrap the hooks with
+        :func:`tl_degeneracy.full_stream_hooks` there (the hook refuses to run otherwise).
+
+        Example::
+
+            with model.hooks(fwd_hooks=ib.ablation_hooks("blocks.0.hook_resid_pre", keep=4)):
+                logits = model(tokens)
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise BadInputError(f"keep must be an int in 0..{self.dim}; for a subset use projection_hooks")
+        return [(site, projection_hook(self, site, keep, mask=mask))]
+
+    def projection_hooks(
+        self, site: str, *, keep: Sequence[int], mask: Tensor | None = None
+    ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+        """Like :meth:`ablation_hooks`, keeping the directions with the given indices (any subset)."""
+        if isinstance(keep, int):
+            raise BadInputError("projection_hooks takes a list of direction indices; for the top k use ablation_hooks")
+        return [(site, projection_hook(self, site, list(keep), mask=mask))]
+
+    def predicted_kl(self, G_c: Tensor, M: Tensor, keep: int | Sequence[int]) -> Tensor:
+        """``½ tr(M (I − P_k) G_c (I − P_k)ᵀ)`` for each k of ``keep``: the quadratic prediction of the KL of
+        keeping the top k directions (SPEC §5c; :func:`tl_degeneracy.analysis.ablation.predicted_kl`)."""
+        return predicted_kl(self, G_c, M, keep)
 
     def dim_at(self, eps: float) -> int:
         """Kept dimension at absolute tolerance ε: ``#{λ ∈ all_lambdas : λ > max(ε, lambda_floor)}``.

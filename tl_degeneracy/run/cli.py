@@ -209,9 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
                    help=f"sequences per SGLD step (default {d.llc_batch_size})")
 
+    g = run.add_argument_group("ablation curves (ablate stage)")
+    g.add_argument("--ablate-n-tokens", type=_positive_int, default=d.ablate_n_tokens, metavar="N",
+                   help=f"counted tokens the ablation curves are measured on (default {d.ablate_n_tokens})")
+    g.add_argument("--ablate-tolerance", type=_float(0.0, strict=False), default=d.ablate_tolerance, metavar="KL",
+                   help="KL (nats) within which 'directions needed' counts a curve as unchanged "
+                        f"(default {d.ablate_tolerance:g})")
+
     g = run.add_argument_group("stages and output")
     g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
-                   help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
+                   help="comma-separated stages to run (stats,basis,ablate,sync,llc,report); default: all that apply")
     g.add_argument("--force", action="store_true",
                    help="recompute stages whose outputs already exist (the old outputs stay until the new ones are "
                         "complete); discards a partial statistics checkpoint instead of resuming it")
@@ -239,6 +246,7 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
         llc_nbetas=args.llc_nbetas, llc_step_size=args.llc_step_size, llc_localization=args.llc_localization,
         llc_chains=args.llc_chains, llc_steps=args.llc_steps, llc_burnin=args.llc_burnin,
         llc_n_tokens=args.llc_n_tokens, llc_batch_size=args.llc_batch_size, seed=args.seed, device=args.device,
+        ablate_n_tokens=args.ablate_n_tokens, ablate_tolerance=args.ablate_tolerance,
     )
 
 

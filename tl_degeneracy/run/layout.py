@@ -6,6 +6,7 @@ run folder. Layout::
     run.json                     the invocation (command, arguments, versions, machine, timings)
     stats.safetensors/.json      streamed statistics (stats stage); stats.partial.* while it runs
     bases/{site}.{kind}.*        interaction and PCA bases (basis stage)
+    ablation/{site}.{kind}.*     ablation curves of those bases (ablate stage)
     sync/{heads|neurons}.layer{l}.*, sync/summary.json      synchronisation (sync stage)
     llc/{selection}/llc.*, llc/scale/, llc/summary.json    LLC estimates and the nβ sweep (llc stage)
     stages/{stage}.json          markers of finished stages (written last)
@@ -143,6 +144,17 @@ class RunFolder:
         self.discard(stage)
         return written
 
+    def progress(self, stage: str) -> Path:
+        """Where a running stage keeps the results it finished so far (e.g. one site's ablation curves, one
+        LLC estimate), so that a rerun after an interrupt resumes there. Kept after a failure; removed when
+        the stage completes (:meth:`discard_progress`)."""
+        return self.root / ".progress" / stage
+
+    def discard_progress(self, stage: str) -> None:
+        shutil.rmtree(self.progress(stage), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.root / ".progress").rmdir()
+
     def discard(self, stage: str) -> None:
         """Remove a stage's staging folder (after a commit, or a failure)."""
         shutil.rmtree(self.staging(stage), ignore_errors=True)
@@ -188,6 +200,25 @@ class RunFolder:
         """site -> tensor file of every saved basis of ``kind``."""
         suffix = f".{kind}.safetensors"
         return {p.name.removesuffix(suffix): p for p in sorted(self.bases.glob(f"*{suffix}"))}
+
+    # ---- ablation curves ------------------------------------------------------------------------------
+    @property
+    def ablation(self) -> Path:
+        return self.root / "ablation"
+
+    def ablation_curve(self, site: str, kind: str) -> Path:
+        """Where the ablation curve of the ``kind`` basis of ``site`` is saved (``AblationCurve.save``)."""
+        return self.ablation / f"{site}.{kind}"
+
+    @property
+    def ablation_identity(self) -> Path:
+        """The settings and bases an ablation stage in progress was run for (its progress folder only)."""
+        return self.ablation / "identity.json"
+
+    def saved_ablation_curves(self, kind: str) -> dict[str, Path]:
+        """site -> tensor file of every saved ablation curve of ``kind``."""
+        suffix = f".{kind}.safetensors"
+        return {p.name.removesuffix(suffix): p for p in sorted(self.ablation.glob(f"*{suffix}"))}
 
     # ---- synchronisation ----------------------------------------------------------------------------
     @property

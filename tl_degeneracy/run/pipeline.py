@@ -6,6 +6,8 @@ Each stage is a :class:`Stage` in the registry :data:`STAGES`, run in this order
   neuron synchronisation sums) → ``stats.safetensors``; checkpointed to ``stats.partial.safetensors`` so an
   interrupted pass resumes where it stopped;
 - ``basis``: interaction and PCA bases of every site → ``bases/``;
+- ``ablate``: ablation curves (KL against kept directions, measured and predicted) of the interaction and
+  PCA bases at every site, on a token budget of its own (``ablate_n_tokens``) → ``ablation/``;
 - ``sync``: head and neuron synchronisation per layer → ``sync/``;
 - ``llc``: behavioral LLC of the whole model and of each layer, and an nβ sweep for λ(ε) → ``llc/``;
 - ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.run.report.write_report`).
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy._io import json_safe, read_json, verify_tensor_file, write_json
+from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_file, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 from tl_degeneracy.run.layout import RunFolder, staged
@@ -99,6 +101,9 @@ class RunConfig:
     sync_measure: str = "normalized_distance"
     tau_heads: float = 0.05
     tau_neurons: float = 0.05
+    ablate_n_tokens: int = 1024
+    ablate_batch_size: int = 8
+    ablate_tolerance: float = 0.01
     llc_params: tuple[str, ...] = ("all", "blocks.{l}")
     llc_nbeta: float = 1e4
     llc_nbetas: tuple[float, ...] = ()
@@ -219,6 +224,14 @@ class RunContext:
         """Where the running stage writes: its staging folder, moved into place when it finishes."""
         return staged(self.out, self.stage) if self.stage is not None else self.folder
 
+    @property
+    def progress_folder(self) -> RunFolder:
+        """Where the running stage keeps finished parts for a resume after an interrupt (same layout); discarded
+        when the stage completes, and by ``--force``."""
+        if self.stage is None:
+            raise RuntimeError("progress_folder is only defined while a stage runs")
+        return RunFolder(self.folder.progress(self.stage))
+
     @cached_property
     def device(self) -> str:
         return resolve_device(self.config.device)
@@ -309,7 +322,7 @@ def register(stage: Stage) -> Stage:
 def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
     """Every registered stage the configuration asks for: no ``basis`` without a Jacobian, no ``sync``
     without synchronisation sums, no ``llc`` when switched off."""
-    skip = {"basis"} if config.jacobian is None else set()
+    skip = {"basis", "ablate"} if config.jacobian is None else set()
     if not config.sync:
         skip.add("sync")
     if not llc:
@@ -458,6 +471,8 @@ def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
     out, name, folder = ctx.out, stage.name, ctx.folder
     inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
     folder.discard(name)
+    if ctx.force:
+        folder.discard_progress(name)
     log = ctx.log
     log(f"{name}: running")
     t0 = time.perf_counter()
@@ -480,6 +495,7 @@ def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
             "summary": summary,
         })
         folder.record(f"{name}.marker", [folder.relative(marker)])
+        folder.discard_progress(name)
     log(f"{name}: done in {seconds:.1f} s")
     return {"status": "ran", "seconds": seconds}
 
@@ -582,6 +598,59 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
         summary[site] = {"d": ib.input_dim, "rank_G": ib.rank_G, "dim": ib.dim, "pca_dim": pcas[site].dim}
     return outputs, summary
+
+
+def _ablate_settings(c: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(c.model), "data": data_identity(c.data), "n_tokens": c.ablate_n_tokens,
+            "batch_size": c.ablate_batch_size, "seq_len": c.seq_len, "loss": "kl", "keep": "schedule",
+            "tolerance": c.ablate_tolerance}
+
+
+def _check_ablate(ctx: RunContext) -> None:
+    c = ctx.config
+    if not (isinstance(c.ablate_tolerance, int | float) and math.isfinite(c.ablate_tolerance)
+            and c.ablate_tolerance >= 0):
+        raise BadInputError(f"ablate_tolerance must be a finite number >= 0, got {c.ablate_tolerance!r}")
+    ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+
+
+def _run_ablate(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """KL ablation curves of the interaction and PCA bases at every site, with the quadratic prediction."""
+    c = ctx.config
+    stats = tld.Stats.load(ctx.folder.stats)
+    with_prediction = (stats.meta.get("jacobian") or {}).get("metric") == "kl"
+    data = ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+    # an interrupted stage resumes site by site: the progress folder keeps each finished site's curves and
+    # the identity (settings, bases) they were made for
+    progress = ctx.progress_folder
+    identity = json_safe({"settings": _ablate_settings(c), "basis": (read_marker(ctx.out, "basis") or {}).get("id")})
+    if progress.root.is_dir() and not (progress.ablation_identity.is_file()
+                                       and read_json(progress.ablation_identity) == identity):
+        ctx.folder.discard_progress("ablate")
+    write_json(progress.ablation_identity, identity)
+    outputs, summary = [], {}
+    sites = ctx.folder.saved_bases("interaction")
+    for site, ib_path in sites.items():
+        bases = {"interaction": tld.InteractionBasis.load(ib_path),
+                 "pca": tld.InteractionBasis.load(ctx.folder.saved_bases("pca")[site])}
+        done = [tensor_path(progress.ablation_curve(site, kind)) for kind in bases]
+        if all(p.is_file() and p.with_suffix(".json").is_file() for p in done):
+            ctx.log(f"ablate: {site} (done before the interruption)")
+            curves = {kind: tld.AblationCurve.load(p) for kind, p in zip(bases, done, strict=True)}
+        else:
+            ctx.log(f"ablate: {site}")
+            with _forward_warnings(ctx.log):
+                curves = tld.ablation_curves(ctx.model, data, bases, site=site, loss="kl",
+                                             stats=stats if with_prediction else None, progress=ctx.progress)
+            for kind, curve in curves.items():
+                curve.save(progress.ablation_curve(site, kind))
+        summary[site] = {}
+        for kind, curve in curves.items():
+            path = curve.save(ctx.target.ablation_curve(site, kind))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
+            summary[site][kind] = {"directions_needed": tld.directions_needed(curve, c.ablate_tolerance),
+                                   "dim": curve.dim, "kl_at_dim": float(curve.loss[-1])}
+    return outputs, {"tolerance": c.ablate_tolerance, "sites": summary}
 
 
 def _sync_settings(c: RunConfig) -> dict[str, Any]:
@@ -688,6 +757,9 @@ register(Stage("stats", "stream activation, Jacobian and synchronisation statist
                _run_stats, _stats_settings, requires=("collect", "resolve_sites", "load_model"), check=_check_stats))
 register(Stage("basis", "interaction and PCA bases per site", _run_basis, _basis_settings, after=("stats",),
                requires=("interaction_bases", "pca_basis")))
+register(Stage("ablate", "ablation curves of the interaction and PCA bases per site (KL, measured and predicted)",
+               _run_ablate, _ablate_settings, after=("stats", "basis"),
+               requires=("ablation_curves", "directions_needed"), check=_check_ablate))
 register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
                requires=("head_sync", "neuron_sync")))
 register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,

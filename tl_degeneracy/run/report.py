@@ -23,6 +23,7 @@ Folder layout read here (written by the stages in :mod:`tl_degeneracy.pipeline`)
     llc/summary.json                             which selections and sweep the llc stage saved
     llc/{selection}/                             LLCResult.save, one folder per parameter selection
     llc/scale/                                   LLCScaleSweep.save: one LLCResult per nβ
+    ablation/{site}.{interaction,pca}.*          AblationCurve.save (ablate stage)
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tl_degeneracy._io import atomic_write, read_json, tensor_path
+from tl_degeneracy.analysis.ablation import directions_needed
 from tl_degeneracy.analysis.basis import InteractionBasis
 from tl_degeneracy.analysis.sync import HeadSync
+from tl_degeneracy.collection.ablation import AblationCurve
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep
 from tl_degeneracy.run.layout import RunFolder
@@ -54,6 +57,7 @@ __all__ = [
     "RunResults",
     "SUMMARY_COLUMNS",
     "load_results",
+    "plot_ablation_curves",
     "plot_dim_curves",
     "plot_dims",
     "plot_head_sync",
@@ -76,6 +80,8 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "ib_dim": "IB dim",
     "pca_dim": "PCA dim",
     "top_lambda": "top Λ",
+    "ib_needed": "directions needed (interaction)",
+    "pca_needed": "directions needed (PCA)",
     "head_blocks": "head blocks",
     "head_extra_dof": "head extra dof",
     "neuron_blocks": "neuron blocks",
@@ -107,6 +113,7 @@ class RunResults:
         stats_meta: metadata of the streamed statistics (model, data, sites, settings).
         run: ``run.json`` (command, arguments, versions, timings, machine).
         stages: stage name -> the marker a finished stage left (settings, inputs, outputs, seconds).
+        ablation: site -> {basis kind -> :class:`~tl_degeneracy.AblationCurve`} (ablate stage).
     """
 
     folder: Path
@@ -119,6 +126,13 @@ class RunResults:
     stats_meta: dict[str, Any] | None = None
     run: dict[str, Any] | None = None
     stages: dict[str, Any] = field(default_factory=dict)
+    ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ablation_tolerance(self) -> float | None:
+        """The KL tolerance of the "directions needed" columns (the ablate stage's setting)."""
+        tol = ((self.stages.get("ablate") or {}).get("settings") or {}).get("tolerance")
+        return None if tol is None else float(tol)
 
     @property
     def sites(self) -> list[str]:
@@ -156,6 +170,9 @@ def load_results(folder: str | os.PathLike) -> RunResults:
         res.bases[site] = InteractionBasis.load(path)
     for site, path in run.saved_bases("pca").items():
         res.pca[site] = InteractionBasis.load(path)
+    for kind in ("interaction", "pca"):
+        for site, path in run.saved_ablation_curves(kind).items():
+            res.ablation.setdefault(site, {})[kind] = AblationCurve.load(path)
     if run.sync_summary.is_file():
         res.sync = read_json(run.sync_summary)
         for layer in res.sync.get("layers", {}):
@@ -188,6 +205,10 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
         sync = layer_sync.get(str(layer), {}) if layer is not None else {}
         heads, neurons = sync.get("heads"), sync.get("neurons")
         llc = results.llc.get(f"blocks.{layer}") if layer is not None else None
+        curves = results.ablation.get(site, {})
+        tol = results.ablation_tolerance
+        needed = {kind: directions_needed(curves[kind], tol) if kind in curves and tol is not None else None
+                  for kind in ("interaction", "pca")}
         rows.append({
             "layer": "final" if layer is None else layer,
             "site": site,
@@ -196,6 +217,8 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
             "ib_dim": ib.dim if ib is not None else None,
             "pca_dim": pca.dim if pca is not None else None,
             "top_lambda": float(ib.all_lambdas[0]) if ib is not None and ib.all_lambdas.numel() else None,
+            "ib_needed": needed["interaction"],
+            "pca_needed": needed["pca"],
             "head_blocks": len(heads["dof"]["blocks"]) if heads else None,
             "head_extra_dof": heads["dof"]["extra"] if heads else None,
             "neuron_blocks": len(neurons["dof"]["blocks"]) if neurons else None,
@@ -382,6 +405,49 @@ def plot_dim_curves(bases: Mapping[str, InteractionBasis], *, eps_hat: float | N
         ax.set_ylim(bottom=0)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
+    return fig
+
+
+def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], *, tolerance: float | None = None) -> Figure:
+    """Loss against kept directions, one panel per site: interaction basis and PCA, measured and predicted.
+
+    ``curves``: site -> {basis kind -> :class:`~tl_degeneracy.AblationCurve`}. Solid lines with markers are
+    measured, dashed lines the quadratic prediction ½ tr(M (I − P_k) G_c (I − P_k)ᵀ) (SPEC §5c). Log scale
+    on the loss (zeros, e.g. at k = dim, are not drawn); the dotted line marks ``tolerance``.
+    """
+    if not curves:
+        raise BadInputError("plot_ablation_curves needs at least one curve")
+    sites = sort_sites(list(curves))
+    n_rows, n_cols = _grid(len(sites))
+    fig = Figure(figsize=(4.2 * n_cols, 3.3 * n_rows), dpi=_DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    colors = {"interaction": "tab:blue", "pca": "tab:orange"}
+    for ax, site in zip(axes, sites, strict=False):
+        label = "loss"
+        # values below 1e-12 of the largest loss on the panel are rounding (e.g. the prediction at k = dim)
+        top = max(float(c.loss.max()) for c in curves[site].values() if c.loss.numel())
+        floor = 1e-12 * top if top > 0 else 0.0
+        for kind, curve in curves[site].items():
+            color = colors.get(kind, "tab:gray")
+            k = np.asarray(curve.keep)
+            loss = curve.loss.detach().cpu().double().numpy()
+            pos = loss > floor
+            ax.plot(k[pos], loss[pos], "o-", color=color, ms=3, lw=1.3, label=f"{kind} measured")
+            if curve.predicted is not None:
+                pred = curve.predicted.detach().cpu().double().numpy()
+                ax.plot(k[pred > floor], pred[pred > floor], "--", color=color, lw=1.1, label=f"{kind} predicted")
+            label = {"kl": "KL(p ‖ p_ablated)", "ce": "Δ cross-entropy", "top1": "argmax changed"}.get(
+                curve.loss_kind, curve.loss_kind)
+        if tolerance is not None and tolerance > 0:
+            ax.axhline(tolerance, color="black", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(site, fontsize=9)
+        ax.set_xlabel("directions kept k")
+        ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes[len(sites):]:
+        ax.set_visible(False)
     return fig
 
 
@@ -595,6 +661,22 @@ def write_report(folder: str | os.PathLike) -> Path:
             "so this curve is the layer's dimension as a function of how much behaviour one is willing to "
             "ignore." + (" The dotted line is ε̂ of the whole-model LLC estimate." if eps_hat else "") + "\n"
         )
+    if res.ablation:
+        tol = res.ablation_tolerance
+        _save(plot_ablation_curves(res.ablation, tolerance=tol), run.plot("ablation"))
+        n_tok = next(iter(next(iter(res.ablation.values())).values())).n_tokens
+        sections.append(
+            "## Ablation curves (does the basis hold what the model uses?)\n\n"
+            "![ablation curves](plots/ablation.png)\n\n"
+            "At each site the activations are rotated into a basis, only the top k directions are kept and "
+            "everything else is replaced by its mean; the curve is the mean KL divergence of the ablated model's "
+            f"predictions from the original's over {n_tok} output positions. Solid: measured; dashed: the "
+            "quadratic prediction ½ tr(M (I − P_k) G_c (I − P_k)ᵀ), which neglects cross-position terms and "
+            "curvature beyond second order. A basis that holds what the model uses reaches a small loss with "
+            "few directions; the interaction basis should need no more than PCA. "
+            + (f"The table's 'directions needed' is the smallest measured k whose KL stays within "
+               f"{tol:g} nats (on the curve's schedule of k)." if tol is not None else "") + "\n"
+        )
     if res.sync:
         if res.head_sync:
             _save(plot_head_sync(res.head_sync, measure=res.sync.get("measure", "distance"),
@@ -636,7 +718,8 @@ def write_report(folder: str | os.PathLike) -> Path:
             "scale; N_eff grows as ε shrinks and finer behaviour counts.\n"
         )
 
-    missing = [name for name, have in (("interaction basis", res.bases), ("synchronisation", res.sync),
+    missing = [name for name, have in (("interaction basis", res.bases), ("ablation curves", res.ablation),
+                                       ("synchronisation", res.sync),
                                        ("LLC", res.llc)) if not have]
     header = _header(res)
     body = "\n".join(sections)
