@@ -25,6 +25,7 @@ import torch
 
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
+from tl_degeneracy.collection import distributed as tdist
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
 from tl_degeneracy.collection.engine import Component, run_pass
 from tl_degeneracy.collection.jacobian import JacobianMoments
@@ -68,6 +69,7 @@ def collect(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Stats:
     """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
 
@@ -89,6 +91,13 @@ def collect(
     ``checkpoint``: a ``.safetensors`` path rewritten atomically every ``checkpoint_every`` batches and at the
     end; ``resume=True`` continues from it (same model, sites, settings and data, else
     :class:`IncompatibleStatsError`), giving the same totals as an uninterrupted run.
+
+    ``distributed``: ``None`` (default) shards the batches over the ranks when ``torch.distributed`` is
+    initialised; ``True`` also initialises it from the ``torchrun`` environment; ``False`` never shards.
+    Sharded, every rank takes a disjoint share of the batches with the probe seeds of a single-process run,
+    the float64 totals are all-reduced at checkpoints and at the end, every rank returns the same Stats and
+    rank 0 alone writes the checkpoint; a checkpoint resumes with any world size
+    (:mod:`tl_degeneracy.collection.distributed`).
     """
     adapter = as_adapter(model)
     if not isinstance(data, TokenBatches):
@@ -109,6 +118,9 @@ def collect(
         raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint is None:
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    if distributed not in (None, True, False):
+        raise BadInputError(f"distributed must be None, True or False, got {distributed!r}")
+    ctx = tdist.init_from_env() if distributed else tdist.context() if distributed is None else None
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
     settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
@@ -119,7 +131,8 @@ def collect(
     plan = plan_memory(adapter, site_list, batch_size=data.batch_size, seq_len=data.seq_len,
                        jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
                        neuron_sync_layers=layers if neuron_sync else (), precision=precision,
-                       budget_bytes=_budget(memory_budget, adapter.device))
+                       budget_bytes=_budget(memory_budget, adapter.device) if ctx is None else
+                       tdist.agree_min(_budget(memory_budget, adapter.device), ctx=ctx))
     if plan.notes:
         warnings.warn(plan.describe(), stacklevel=2)
     if plan.batch_size != data.batch_size:
@@ -151,14 +164,16 @@ def collect(
                                                   "components": {c.meta_key: c.meta() for c in g_comps}}
         g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)
         desc = "collect" if plan.n_passes == 1 else f"collect pass {i + 1}/{plan.n_passes}"
-        parts.append(run_pass(adapter, data, g_comps, g_meta, seed=seed, precision=precision, checkpoint=g_ckpt,
-                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc))
+        options = dict(seed=seed, precision=precision, checkpoint=g_ckpt, checkpoint_every=checkpoint_every,
+                       resume=resume, progress=progress, desc=desc)
+        parts.append(run_pass(adapter, data, g_comps, g_meta, **options) if ctx is None else
+                     tdist.run_pass_sharded(adapter, data, g_comps, g_meta, ctx=ctx, **options))
     if plan.n_passes == 1:
         return parts[0]
     stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
         **meta, "n_tokens": parts[0].n_tokens, "batches_done": parts[0].meta["batches_done"],
         "seconds": sum(p.meta["seconds"] for p in parts)})
-    if checkpoint is not None:
+    if checkpoint is not None and (ctx is None or ctx.is_main):
         stats.save(checkpoint)
     return stats
 

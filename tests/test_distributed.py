@@ -1,0 +1,144 @@
+"""Data-parallel ``collect`` over 2 gloo processes (torch.multiprocessing spawn, 1 thread each) against the
+single-process run, failure on one rank, and resume with another world size.
+
+Summation-order bound: every per-batch increment x_i is a float32 number held exactly in float64, so the only
+difference between two orders of adding n increments is float64 rounding. Recursive summation in any order
+has |computed − exact| ≤ (n − 1)·u·Σ|x_i| (u = 2⁻⁵³, to first order), so two orders differ by at most
+2(n − 1)·u·Σ|x_i|; the test checks every entry against that bound (with Σ|x_i| measured per entry).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_tiny_model, random_tokens
+
+import tl_degeneracy as tld
+from tl_degeneracy.adapter import as_adapter
+from tl_degeneracy.collection import distributed as tdist
+from tl_degeneracy.collection.collect import _components
+from tl_degeneracy.collection.engine import accurate_matmuls, run_batch
+from tl_degeneracy.errors import BadInputError, NonFiniteError
+
+SETTINGS = dict(sites=["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"], jacobian="kl", n_probes=2,
+                head_sync=True, neuron_sync=True, seed=3, progress=False, memory_budget=None)
+N_ROWS, SEQ, BATCH = 10, 12, 2  # 5 batches: an uneven last round on 2 ranks
+U = 2.0**-53
+
+
+def _data(model):
+    return tld.token_batches(model, random_tokens(N_ROWS, SEQ, seed=1), batch_size=BATCH)
+
+
+def _worker(rank: int, world: int, folder: str, job: str, fail_at: int | None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = make_tiny_model()
+        if fail_at is not None:
+            real = tdist.run_batch
+
+            def failing(adapter, comps, batch, seed, **kw):
+                if batch.index == fail_at:
+                    raise NonFiniteError(f"NaN injected at batch {batch.index}")
+                return real(adapter, comps, batch, seed, **kw)
+
+            tdist.run_batch = failing
+        try:
+            stats = tld.collect(model, _data(model), checkpoint=f"{folder}/ckpt.safetensors", checkpoint_every=2,
+                                **SETTINGS)
+            stats.save(f"{folder}/{job}-rank{rank}.safetensors")
+        except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
+            Path(f"{folder}/{job}-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
+    except BaseException:
+        Path(f"{folder}/{job}-rank{rank}.crash").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, folder: Path, job: str, fail_at: int | None = None) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(world, str(folder), job, fail_at), nprocs=world, join=True)
+    (folder / "rendezvous").unlink(missing_ok=True)
+
+
+def _abs_sums(model) -> dict[str, torch.Tensor]:
+    """Σ_i |x_i| per entry over the per-batch increments (for the summation-order bound)."""
+    adapter = as_adapter(model)
+    layers = list(range(adapter.n_layers))
+    comps = _components(adapter, SETTINGS["sites"], jacobian="kl", estimator="probe", n_probes=2,
+                        precision="accurate", head_layers=layers, neuron_layers=layers)
+    out: dict[str, torch.Tensor] = {}
+    with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
+        for batch in _data(model):
+            for k, v in run_batch(adapter, comps, batch, SETTINGS["seed"]).items():
+                out[k] = out.get(k, 0) + v.detach().double().abs()
+    return out
+
+
+def _assert_same_totals(a: tld.Stats, b: tld.Stats, abs_sums: dict[str, torch.Tensor], n: int) -> None:
+    assert set(a.tensors) == set(b.tensors)
+    assert a.n_tokens == b.n_tokens and a.meta["batches_done"] == b.meta["batches_done"]
+    for key, x in a.tensors.items():
+        y = b.tensors[key]
+        if not x.is_floating_point():
+            assert torch.equal(x, y), key  # counts identical
+            continue
+        bound = 2 * (n - 1) * U * abs_sums[key] * (1 + 1e-6)
+        assert bool(((x - y).abs() <= bound).all()), f"{key}: {(x - y).abs().max()} > bound"
+
+
+def test_two_process_collect_equals_single_process_and_resumes_across_world_sizes(tmp_path):
+    model = make_tiny_model()
+    single = tld.collect(model, _data(model), **SETTINGS)
+    abs_sums = _abs_sums(model)
+    n_batches = len(_data(model))
+
+    _spawn(2, tmp_path, "full")
+    r0 = tld.Stats.load(tmp_path / "full-rank0.safetensors")
+    r1 = tld.Stats.load(tmp_path / "full-rank1.safetensors")
+    for key in r0.tensors:  # every rank returns the same Stats
+        assert torch.equal(r0.tensors[key], r1.tensors[key])
+    _assert_same_totals(single, r0, abs_sums, n_batches)
+    assert r0.meta["jacobian"] == single.meta["jacobian"] and r0.meta["data"] == single.meta["data"]
+
+    # rank 1 fails at batch 3 (round 2..3): every rank stops, rank 0 names rank 1, checkpoint holds 2 batches
+    (tmp_path / "ckpt.safetensors").unlink()
+    _spawn(2, tmp_path, "fail", fail_at=3)
+    err0 = (tmp_path / "fail-rank0.error").read_text()
+    assert err0.startswith("RankFailedError: rank 1 of 2 failed with NonFiniteError: NaN injected at batch 3")
+    assert (tmp_path / "fail-rank1.error").read_text().startswith("NonFiniteError")
+    ckpt = tld.Stats.load(tmp_path / "ckpt.safetensors")
+    assert ckpt.meta["batches_done"] == 2
+
+    # resume with world size 1 (the single-process pass) from the 2-process checkpoint
+    resumed = tld.collect(model, _data(model), checkpoint=tmp_path / "ckpt.safetensors", resume=True, **SETTINGS)
+    _assert_same_totals(single, resumed, abs_sums, n_batches)
+
+
+def test_shard_is_disjoint_and_covers_everything():
+    items = list(range(11))
+    parts = [list(tdist.shard(items, start=3, ctx=tdist.DistContext(r, 3, "gloo"))) for r in range(3)]
+    assert sorted(sum(parts, [])) == items[3:]
+    assert parts[1] == [4, 7, 10]
+    assert list(tdist.shard(items)) == items  # no process group: everything
+
+
+@pytest.mark.parametrize("bad", ["yes", 1.5])
+def test_distributed_flag_is_checked(tiny_model, bad):
+    with pytest.raises(BadInputError, match="distributed must be"):
+        tld.collect(tiny_model, _data(tiny_model), sites=["resid_pre"], distributed=bad, progress=False)
+
+
+def test_distributed_true_without_torchrun_says_how_to_launch(tiny_model, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(BadInputError, match="torchrun"):
+        tld.collect(tiny_model, _data(tiny_model), sites=["resid_pre"], distributed=True, progress=False)
