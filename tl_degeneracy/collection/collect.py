@@ -25,8 +25,8 @@ import torch
 
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
-from tl_degeneracy.collection import distributed as tdist
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
+from tl_degeneracy.collection.distributed import agree_min, context, init_from_env, run_pass_sharded
 from tl_degeneracy.collection.engine import Component, run_pass
 from tl_degeneracy.collection.jacobian import JacobianMoments
 from tl_degeneracy.collection.memory import available_bytes, plan_memory
@@ -120,7 +120,7 @@ def collect(
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
     if distributed not in (None, True, False):
         raise BadInputError(f"distributed must be None, True or False, got {distributed!r}")
-    ctx = tdist.init_from_env() if distributed else tdist.context() if distributed is None else None
+    ctx = init_from_env() if distributed else context() if distributed is None else None
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
     settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
@@ -132,7 +132,7 @@ def collect(
                        jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
                        neuron_sync_layers=layers if neuron_sync else (), precision=precision,
                        budget_bytes=_budget(memory_budget, adapter.device) if ctx is None else
-                       tdist.agree_min(_budget(memory_budget, adapter.device), ctx=ctx))
+                       agree_min(_budget(memory_budget, adapter.device), ctx=ctx))
     if plan.notes:
         warnings.warn(plan.describe(), stacklevel=2)
     if plan.batch_size != data.batch_size:
@@ -167,7 +167,7 @@ def collect(
         options = dict(seed=seed, precision=precision, checkpoint=g_ckpt, checkpoint_every=checkpoint_every,
                        resume=resume, progress=progress, desc=desc)
         parts.append(run_pass(adapter, data, g_comps, g_meta, **options) if ctx is None else
-                     tdist.run_pass_sharded(adapter, data, g_comps, g_meta, ctx=ctx, **options))
+                     run_pass_sharded(adapter, data, g_comps, g_meta, ctx=ctx, **options))
     if plan.n_passes == 1:
         return parts[0]
     stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
