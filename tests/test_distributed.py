@@ -142,3 +142,44 @@ def test_distributed_true_without_torchrun_says_how_to_launch(tiny_model, monkey
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(BadInputError, match="torchrun"):
         tld.collect(tiny_model, _data(tiny_model), sites=["resid_pre"], distributed=True, progress=False)
+
+
+LLC = dict(params="blocks.1", nbeta=1000.0, step_size=1e-4, localization=100.0, n_steps=8, n_burnin=4,
+           progress=False)
+
+
+def _llc_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = make_tiny_model()
+        data = tld.token_batches(model, random_tokens(4, 8, seed=2), batch_size=2)
+        res = tld.estimate_llc_distributed(model, data, n_chains=3, seed=5, **LLC)
+        res.save(f"{folder}/llc-rank{rank}")
+        sweep = tld.llc_scale_sweep_distributed(model, data, nbetas=[500.0, 1000.0, 2000.0], n_chains=2,
+                                                **{k: v for k, v in LLC.items() if k != "nbeta"})
+        sweep.save(f"{folder}/sweep-rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_chain_parallel_llc_on_two_ranks_equals_single_process(tmp_path):
+    mp.spawn(_llc_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(4, 8, seed=2), batch_size=2)
+    single = tld.estimate_llc_distributed(model, data, n_chains=3, seed=5, **LLC)
+    sweep = tld.llc_scale_sweep(model, data, nbetas=[500.0, 1000.0, 2000.0], n_chains=2,
+                                **{k: v for k, v in LLC.items() if k != "nbeta"})
+    for rank in range(2):
+        res = tld.LLCResult.load(tmp_path / f"llc-rank{rank}")
+        # same chains, same seeds, same CPU arithmetic: bit-identical per-chain estimates and traces
+        assert torch.equal(res.llc_per_chain, single.llc_per_chain)
+        assert torch.equal(res.loss_trace, single.loss_trace)
+        assert res.llc_mean == single.llc_mean and res.settings["world_size"] == 2
+        got = tld.LLCScaleSweep.load(tmp_path / f"sweep-rank{rank}")
+        for a, b in zip(got.results, sweep.results, strict=True):
+            assert torch.equal(a.llc_per_chain, b.llc_per_chain)
+    # chain c's seed does not depend on the number of chains: the first 2 of 3 chains are the 2-chain run
+    two = tld.estimate_llc_distributed(model, data, n_chains=2, seed=5, **LLC)
+    assert torch.equal(two.llc_per_chain, single.llc_per_chain[:2])
+    assert single.settings["world_size"] == 1 and single.n_chains == 3
