@@ -36,37 +36,34 @@ def _data(model):
     return tld.token_batches(model, random_tokens(N_ROWS, SEQ, seed=1), batch_size=BATCH)
 
 
-def _worker(rank: int, world: int, folder: str, job: str, fail_at: int | None) -> None:
+def _worker(rank: int, world: int, folder: str) -> None:
+    """Three jobs in one process group: a full run, a run where rank 1 fails at batch 3, and a resume of the
+    single-process checkpoint ``single-ckpt``. Each rank saves what it returned (or the error it raised)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         model = make_tiny_model()
-        if fail_at is not None:
-            real = tdist.run_batch
+        real = tdist.run_batch
 
-            def failing(adapter, comps, batch, seed, **kw):
-                if batch.index == fail_at:
-                    raise NonFiniteError(f"NaN injected at batch {batch.index}")
-                return real(adapter, comps, batch, seed, **kw)
+        def failing(adapter, comps, batch, seed, **kw):
+            if batch.index == 3:
+                raise NonFiniteError(f"NaN injected at batch {batch.index}")
+            return real(adapter, comps, batch, seed, **kw)
 
-            tdist.run_batch = failing
-        try:
-            stats = tld.collect(model, _data(model), checkpoint=f"{folder}/ckpt.safetensors", checkpoint_every=2,
-                                **SETTINGS)
-            stats.save(f"{folder}/{job}-rank{rank}.safetensors")
-        except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
-            Path(f"{folder}/{job}-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
+        for job, ckpt, resume in (("full", "full-ckpt", False), ("fail", "fail-ckpt", False),
+                                  ("resume", "single-ckpt", True)):
+            tdist.run_batch = failing if job == "fail" else real
+            try:
+                stats = tld.collect(model, _data(model), checkpoint=f"{folder}/{ckpt}.safetensors",
+                                    checkpoint_every=2, resume=resume, **SETTINGS)
+                stats.save(f"{folder}/{job}-rank{rank}.safetensors")
+            except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
+                Path(f"{folder}/{job}-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
     except BaseException:
-        Path(f"{folder}/{job}-rank{rank}.crash").write_text(traceback.format_exc())
+        Path(f"{folder}/crash-rank{rank}").write_text(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
-
-
-def _spawn(world: int, folder: Path, job: str, fail_at: int | None = None) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, str(folder), job, fail_at), nprocs=world, join=True)
-    (folder / "rendezvous").unlink(missing_ok=True)
 
 
 def _abs_sums(model) -> dict[str, torch.Tensor]:
@@ -96,31 +93,55 @@ def _assert_same_totals(a: tld.Stats, b: tld.Stats, abs_sums: dict[str, torch.Te
 
 
 def test_two_process_collect_equals_single_process_and_resumes_across_world_sizes(tmp_path):
+    import tl_degeneracy.collection.engine as engine
+
     model = make_tiny_model()
     single = tld.collect(model, _data(model), **SETTINGS)
     abs_sums = _abs_sums(model)
     n_batches = len(_data(model))
 
-    _spawn(2, tmp_path, "full")
+    # a single-process run stopped by a NaN at batch 3 leaves a checkpoint of batches 0-1 (resumed on 2 ranks)
+    real = engine.run_batch
+
+    def failing(adapter, comps, batch, seed, **kw):
+        if batch.index == 3:
+            raise NonFiniteError("NaN injected")
+        return real(adapter, comps, batch, seed, **kw)
+
+    engine.run_batch = failing
+    try:
+        with pytest.raises(NonFiniteError):
+            tld.collect(model, _data(model), checkpoint=tmp_path / "single-ckpt.safetensors", checkpoint_every=2,
+                        **SETTINGS)
+    finally:
+        engine.run_batch = real
+    assert tld.Stats.load(tmp_path / "single-ckpt.safetensors").meta["batches_done"] == 2
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+    # 2 processes, uninterrupted: every rank returns the same Stats, equal to the single-process run
     r0 = tld.Stats.load(tmp_path / "full-rank0.safetensors")
     r1 = tld.Stats.load(tmp_path / "full-rank1.safetensors")
-    for key in r0.tensors:  # every rank returns the same Stats
+    for key in r0.tensors:
         assert torch.equal(r0.tensors[key], r1.tensors[key])
     _assert_same_totals(single, r0, abs_sums, n_batches)
     assert r0.meta["jacobian"] == single.meta["jacobian"] and r0.meta["data"] == single.meta["data"]
 
-    # rank 1 fails at batch 3 (round 2..3): every rank stops, rank 0 names rank 1, checkpoint holds 2 batches
-    (tmp_path / "ckpt.safetensors").unlink()
-    _spawn(2, tmp_path, "fail", fail_at=3)
+    # rank 1 failed at batch 3 (round 2-3): every rank stopped, rank 0 names rank 1, checkpoint holds 2 batches
     err0 = (tmp_path / "fail-rank0.error").read_text()
     assert err0.startswith("RankFailedError: rank 1 of 2 failed with NonFiniteError: NaN injected at batch 3")
     assert (tmp_path / "fail-rank1.error").read_text().startswith("NonFiniteError")
-    ckpt = tld.Stats.load(tmp_path / "ckpt.safetensors")
-    assert ckpt.meta["batches_done"] == 2
-
-    # resume with world size 1 (the single-process pass) from the 2-process checkpoint
-    resumed = tld.collect(model, _data(model), checkpoint=tmp_path / "ckpt.safetensors", resume=True, **SETTINGS)
+    assert tld.Stats.load(tmp_path / "fail-ckpt.safetensors").meta["batches_done"] == 2
+    # ... and resumed in one process: the uninterrupted totals
+    resumed = tld.collect(model, _data(model), checkpoint=tmp_path / "fail-ckpt.safetensors", resume=True,
+                          **SETTINGS)
     _assert_same_totals(single, resumed, abs_sums, n_batches)
+
+    # the single-process checkpoint resumed on 2 ranks: the uninterrupted totals on both
+    for rank in range(2):
+        _assert_same_totals(single, tld.Stats.load(tmp_path / f"resume-rank{rank}.safetensors"), abs_sums,
+                            n_batches)
 
 
 def test_shard_is_disjoint_and_covers_everything():
