@@ -60,6 +60,7 @@ from tl_degeneracy.errors import (
     UnknownHookError,
 )
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
+from tl_degeneracy.llc.parallel import estimate_llc_distributed, llc_scale_sweep_distributed
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
@@ -94,10 +95,12 @@ __all__ = [
     "directions_needed",
     "estimate_llc",
     "full_stream_hooks",
+    "estimate_llc_distributed",
     "head_sync",
     "interaction_bases",
     "interaction_basis",
     "llc_scale_sweep",
+    "llc_scale_sweep_distributed",
     "load_data",
     "load_model",
     "measure_loss",

@@ -27,6 +27,7 @@ from tl_degeneracy._io import tensor_path
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
+from tl_degeneracy.collection.distributed import agree_min, context, init_from_env, run_pass_sharded
 from tl_degeneracy.collection.engine import Component, run_pass
 from tl_degeneracy.collection.jacobian import JacobianMoments
 from tl_degeneracy.collection.memory import available_bytes, plan_memory
@@ -40,7 +41,7 @@ MAX_BACKWARDS_PER_BATCH = 4096
 
 
 def _components(
-    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int, top_k: int,
+    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int, top_k: int = 8,
     precision: str, head_layers: Sequence[int], neuron_layers: Sequence[int],
 ) -> list[Component]:
     comps: list[Component] = [ActivationMoments(sites)]
@@ -75,6 +76,7 @@ def collect(
     resume: bool = False,
     progress: bool = True,
     allow_expensive: bool = False,
+    distributed: bool | None = None,
 ) -> Stats:
     """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
 
@@ -102,6 +104,12 @@ def collect(
 
     Cost guard: more than :data:`MAX_BACKWARDS_PER_BATCH` backward passes per batch (``n_probes``, or T·V
     for ``estimator="exact"``) is refused before anything runs unless ``allow_expensive=True``.
+    ``distributed``: ``None`` (default) shards the batches over the ranks when ``torch.distributed`` is
+    initialised; ``True`` also initialises it from the ``torchrun`` environment; ``False`` never shards.
+    Sharded, every rank takes a disjoint share of the batches with the probe seeds of a single-process run,
+    the float64 totals are all-reduced at checkpoints and at the end, every rank returns the same Stats and
+    rank 0 alone writes the checkpoint; a checkpoint resumes with any world size
+    (:mod:`tl_degeneracy.collection.distributed`).
     """
     adapter = as_adapter(model)
     if not isinstance(data, TokenBatches):
@@ -136,6 +144,9 @@ def collect(
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
     if checkpoint is not None:  # Stats.save appends .safetensors: resume must look where it was written
         checkpoint = tensor_path(checkpoint)
+    if distributed not in (None, True, False):
+        raise BadInputError(f"distributed must be None, True or False, got {distributed!r}")
+    ctx = init_from_env() if distributed else context() if distributed is None else None
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
     settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, top_k=top_k, precision=precision)
@@ -146,7 +157,8 @@ def collect(
     plan = plan_memory(adapter, site_list, batch_size=data.batch_size, seq_len=data.seq_len,
                        jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
                        neuron_sync_layers=layers if neuron_sync else (), precision=precision,
-                       budget_bytes=_budget(memory_budget, adapter.device))
+                       budget_bytes=_budget(memory_budget, adapter.device) if ctx is None else
+                       agree_min(_budget(memory_budget, adapter.device), ctx=ctx))
     if plan.notes:
         warnings.warn(plan.describe(), stacklevel=2)
     if plan.batch_size != data.batch_size:
@@ -179,14 +191,16 @@ def collect(
                                                   "components": {c.meta_key: c.meta() for c in g_comps}}
         g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)
         desc = "collect" if plan.n_passes == 1 else f"collect pass {i + 1}/{plan.n_passes}"
-        parts.append(run_pass(adapter, data, g_comps, g_meta, seed=seed, precision=precision, checkpoint=g_ckpt,
-                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc))
+        options = dict(seed=seed, precision=precision, checkpoint=g_ckpt, checkpoint_every=checkpoint_every,
+                       resume=resume, progress=progress, desc=desc)
+        parts.append(run_pass(adapter, data, g_comps, g_meta, **options) if ctx is None else
+                     run_pass_sharded(adapter, data, g_comps, g_meta, ctx=ctx, **options))
     if plan.n_passes == 1:
         return parts[0]
     stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
         **meta, "n_tokens": parts[0].n_tokens, "batches_done": parts[0].meta["batches_done"],
         "seconds": sum(p.meta["seconds"] for p in parts)})
-    if checkpoint is not None:
+    if checkpoint is not None and (ctx is None or ctx.is_main):
         stats.save(checkpoint)
     return stats
 

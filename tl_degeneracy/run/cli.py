@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from tl_degeneracy._io import write_json
 from tl_degeneracy._version import __version__
 from tl_degeneracy.errors import BadInputError, TLDegeneracyError
-from tl_degeneracy.run import report
+from tl_degeneracy.run import distributed, report
 from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.run.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages
 
@@ -303,6 +303,15 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
             if name in stages and off:
                 parser.error(f"--stages {name} contradicts {flag}")
     out = Path(args.out)
+    dctx = distributed.start()  # torchrun with several processes: rank 0 writes the run folder
+    if dctx is not None:
+        config = distributed.local_config(config)
+        if not dctx.is_main:
+            try:
+                return distributed.follow(config, out, stages, dctx, force=args.force, threads=args.threads)
+            finally:
+                distributed.finish()
+        distributed.share_markers(out, dctx)
     record: dict[str, Any] = {
         "command": "tl-degeneracy " + shlex.join(argv),
         "arguments": {k: v for k, v in vars(args).items() if k != "command"},
@@ -311,6 +320,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         "versions": _versions(),
         "machine": _machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "distributed": {"world_size": 1, "backend": None} if dctx is None else dctx.to_json(),
     }
     if args.n_probes > MAX_PROBES and not args.yes:
         raise BadInputError(
@@ -357,6 +367,7 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: 
         record.update(stages=status, wall_seconds=time.perf_counter() - t0,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), previous_runs=previous)
         write_json(RunFolder(out).run_json, record)
+        distributed.finish()
     if RunFolder(out).index.is_file():
         print(f"[tl-degeneracy] report: {RunFolder(out).index}", file=sys.stderr)
     return 0
