@@ -544,10 +544,17 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             results[sel].save(ctx.folder.llc_result(sel))
         # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
         # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
+        # (the whole-model estimate at the base nβ, when already made above, is reused, not sampled again)
         nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
         ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
-        sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
-                                    scale_step_size=True, params="all", **options)
+        known = {c.llc_nbeta: results["all"]} if "all" in results else {}
+        todo = [nb for nb in nbetas if nb not in known]
+        base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # step·nβ fixed, as llc_scale_sweep scales it
+        steps = [base_step * nbetas[0] / nb for nb in todo]
+        done = tld.llc_scale_sweep(model, data, nbetas=todo, step_size=steps, params="all", **options).results \
+            if todo else []
+        by_nbeta = {**known, **{r.nbeta: r for r in done}}
+        sweep = tld.LLCScaleSweep([by_nbeta[nb] for nb in nbetas])
     sweep.save(ctx.folder.llc_scale)
     write_json(ctx.folder.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
                                          "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
