@@ -104,3 +104,17 @@ def test_non_finite_loss_or_gradient_at_w_star_is_named():
     with pytest.raises(tld.BadInputError, match="gradient at w\\*"):
         sgld.sgld_llc(lambda p, _: torch.sqrt(p["w"]).sum(), {"w": torch.zeros(3)},
                       None, nbeta=10.0, step_size=1e-3, loss_at_optimum=0.0, **SGLD)
+
+
+def test_chain_noise_depends_on_seed_and_chain_only():
+    # chain c draws from a generator seeded by (seed, c): how many chains run, or how they are grouped
+    # (batched, one by one, later: over processes), does not change its draws.
+    h = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    kw = dict(nbeta=100.0, step_size=1e-3, localization=1.0, n_steps=60, n_burnin=10, seed=3, progress=False,
+              loss_at_optimum=0.0, vectorize=False)
+    one = sgld.sgld_llc(lambda p, _: 0.5 * (h * p["w"] ** 2).sum(), {"w": torch.zeros(3, dtype=torch.float64)},
+                        None, n_chains=1, **kw)
+    three = sgld.sgld_llc(lambda p, _: 0.5 * (h * p["w"] ** 2).sum(), {"w": torch.zeros(3, dtype=torch.float64)},
+                          None, n_chains=3, **kw)
+    assert torch.equal(one.loss_trace[0], three.loss_trace[0])
+    assert not torch.equal(three.loss_trace[0], three.loss_trace[1])

@@ -172,7 +172,7 @@ def estimate_llc(
     divergence_threshold: float | None = None,
     vectorize: Literal["auto"] | bool = "auto",
     cache_teacher: bool | Literal["auto"] = "auto",
-    mala_every: int = 10,
+    mala_every: int | Literal["auto"] = "auto",
     progress: bool = True,
 ) -> LLCResult:
     """Local learning coefficient of the behavioral loss of a TransformerLens model (paper §2.2, eq. 6–9).

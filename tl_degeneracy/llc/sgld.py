@@ -31,12 +31,15 @@ from tqdm.auto import tqdm
 
 from tl_degeneracy._io import load_tensors, read_json, save_tensors, write_json
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
+from tl_degeneracy.llc import diagnostics as _diag
 
 __all__ = ["LLCResult", "sgld_llc"]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 
 _RESULT_TENSORS = "llc.safetensors"
+#: MALA checks per chain with ``mala_every="auto"``: enough for a standard error of the acceptance
+_MALA_CHECKS = 50
 _RESULT_JSON = "llc.json"
 
 
@@ -90,11 +93,32 @@ class LLCResult:
         alive = int(torch.isfinite(self.llc_per_chain).sum())
         return self.llc_std / math.sqrt(alive) if alive > 1 else float("nan")
 
+    @property
+    def llc_se(self) -> float:
+        """The standard error of λ̂: the Monte-Carlo standard error of the mean of the paired excess
+        nβ·(L(w_t) − L(w*)) over all post-burn-in draws of the surviving chains, sd/sqrt(ESS) (arviz-stats'
+        ``mcse(method="mean")``); it accounts for the autocorrelation within and the spread between chains.
+        Results saved before it existed fall back to :attr:`llc_sem`."""
+        se = self.diagnostics.get("llc_se")
+        return float(se) if se is not None else self.llc_sem
+
+    @property
+    def verdict(self) -> str:
+        """``"converged"`` or ``"not converged: <reasons>"`` (see :func:`tl_degeneracy.llc.diagnostics.verdict`)."""
+        return str(self.diagnostics.get("verdict", "not converged: no convergence diagnostics (saved by an older "
+                                                   "version)"))
+
+    @property
+    def converged(self) -> bool:
+        """True when every convergence check passed (:attr:`verdict` is ``"converged"``)."""
+        return self.verdict == "converged"
+
     def __str__(self) -> str:
         alive = int(torch.isfinite(self.llc_per_chain).sum())
+        ess = self.diagnostics.get("ess_bulk", float("nan"))
         return (
-            f"λ̂ = {self.llc_mean:.4g} ± {self.llc_std:.2g} (std over {alive}/{self.n_chains} chains), "
-            f"ε̂ = {self.eps_hat:.3g}, N_eff = {self.n_eff:.4g}, nβ = {self.nbeta:.4g}"
+            f"λ̂ = {self.llc_mean:.4g} ± {self.llc_se:.2g} (s.e.; {alive}/{self.n_chains} chains, ESS {ess:.0f}), "
+            f"ε̂ = {self.eps_hat:.3g}, N_eff = {self.n_eff:.4g}, nβ = {self.nbeta:.4g}; {self.verdict}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,7 +342,7 @@ class _Settings:
     on_divergence: str
     divergence_threshold: float | None
     vectorize: Literal["auto"] | bool
-    mala_every: int
+    mala_every: int | Literal["auto"]
 
     def __post_init__(self) -> None:
         """Refuse bad settings with one line naming the problem, before anything runs."""
@@ -340,10 +364,17 @@ class _Settings:
             raise BadInputError(f"on_divergence must be 'raise' or 'drop', got {self.on_divergence!r}")
         if self.vectorize not in ("auto", True, False):
             raise BadInputError(f"vectorize must be 'auto', True or False, got {self.vectorize!r}")
-        if self.mala_every < 0:
-            raise BadInputError(f"mala_every must be >= 0, got {self.mala_every}")
+        if self.mala_every != "auto" and not (isinstance(self.mala_every, int) and self.mala_every >= 0):
+            raise BadInputError(f"mala_every must be 'auto' or an integer >= 0, got {self.mala_every!r}")
         if self.sampler == "rmsprop_sgld" and not (0 <= self.rmsprop_alpha < 1 and self.rmsprop_eps > 0):
             raise BadInputError("rmsprop_alpha must be in [0, 1) and rmsprop_eps > 0")
+
+    def mala_spacing(self) -> int:
+        """Steps between MALA checks: ``"auto"`` checks every k-th draw so that each chain gets at least
+        ``_MALA_CHECKS`` checks (every draw when there are fewer)."""
+        if self.mala_every != "auto":
+            return int(self.mala_every)
+        return max(1, (self.n_steps - self.n_burnin) // _MALA_CHECKS)
 
     def threshold(self, n_active: int) -> float:
         """The divergence bound on nβ·(L − L(w*)): given, or 10·(d + 10) (see :func:`sgld_llc`)."""
@@ -430,6 +461,27 @@ class _Preconditioner:
         v_hat = self.sq_avg / (1.0 - self.alpha ** (t + 1))
         factor = self.eps * self.mask / (self.delta + v_hat.sqrt())
         return 0.5 * factor, factor, factor.sqrt()
+
+
+class _ChainNoise:
+    """The injected noise ξ: chain c draws from its own generator, seeded by ``SeedSequence([seed, c])``.
+
+    So chain c's draws depend on (seed, c) only: not on how many chains run, whether they are batched
+    (vmap) or one by one, or how they are split over processes or devices.
+    """
+
+    def __init__(self, seed: int, n_chains: int, d: int, device: torch.device, dtype: torch.dtype):
+        self.gens = [
+            torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, c]).generate_state(1)[0]))
+            for c in range(n_chains)
+        ]
+        self.noise = torch.empty(n_chains, d, device=device, dtype=dtype)
+
+    def step(self) -> Tensor:
+        """This step's [chains, d] block (one buffer, overwritten every step)."""
+        for c, gen in enumerate(self.gens):
+            torch.randn(self.noise.shape[1], generator=gen, out=self.noise[c])
+        return self.noise
 
 
 class _SGLDStep:
@@ -561,11 +613,14 @@ class _OptimumLoss:
 
 
 def _summarise(
-    s: _Settings, pack: _Packing, trace: Tensor, l_star: float, alive: Tensor, accept: Tensor, accept_n: int,
-    div: _Divergence, backend: _GradBackend, wall: float, *, loss_at_optimum_given: bool,
+    s: _Settings, pack: _Packing, trace: Tensor, optimum: _OptimumLoss, alive: Tensor,
+    mala: tuple[Tensor, Tensor, int], div: _Divergence, backend: _GradBackend, wall: float, *,
+    loss_at_optimum_given: bool,
 ) -> LLCResult:
-    """λ̂ per chain and over chains, the diagnostics and settings, as an :class:`LLCResult`."""
+    """λ̂ per chain and over chains, its standard error, the diagnostics, verdict and settings, as an
+    :class:`LLCResult`."""
     C, nb = s.n_chains, s.nbeta
+    l_star = optimum.estimate(s.n_burnin)
     post = trace[:, s.n_burnin :]
     per_chain = torch.full((C,), float("nan"), dtype=torch.float64)
     per_chain[alive] = nb * (post[alive].mean(dim=1) - l_star)
@@ -574,14 +629,29 @@ def _summarise(
     llc_std = float(survivors.std(unbiased=True)) if survivors.numel() > 1 else float("nan")
     live_idx = torch.nonzero(alive).flatten().tolist()
     excess_post = nb * (post[live_idx] - l_star) if live_idx else post[:0]
+    # the paired excess nβ·(L(w_t) − L(w*) on the same batch): its mean over draws and chains is λ̂
+    opt_post = optimum.trace[s.n_burnin :] if optimum.given is None else torch.full_like(post[0], l_star)
+    paired = nb * (post[live_idx] - opt_post) if live_idx else post[:0]
+    accept, accept_sq, accept_n = mala
+    acc_mean = accept / max(accept_n, 1)
+    acc_se = ((accept_sq / max(accept_n, 1) - acc_mean**2).clamp_min(0) / max(accept_n - 1, 1)).sqrt()
     diag: dict[str, Any] = {} if backend.fallback is None else {"vectorize_fallback": backend.fallback}
     diag.update(
         {
             "mala_acceptance": [
-                float(accept[c] / accept_n) if bool(alive[c]) and accept_n else float("nan") for c in range(C)
+                float(acc_mean[c]) if bool(alive[c]) and accept_n else float("nan") for c in range(C)
             ],
+            "mala_acceptance_se": [
+                float(acc_se[c]) if bool(alive[c]) and accept_n > 1 else float("nan") for c in range(C)
+            ],
+            "mala_checks": accept_n,
             "plateau": [plateau_check(nb * (post[c] - l_star)) if alive[c] else None for c in range(C)],
             "r_hat": split_r_hat(excess_post) if live_idx else float("nan"),
+            "r_hat_rank": _diag.rank_r_hat(paired) if live_idx else float("nan"),
+            "ess_bulk": _diag.ess_bulk(paired) if live_idx else float("nan"),
+            "ess_mean": _diag.ess_mean(paired) if live_idx else float("nan"),
+            "llc_se": _diag.mcse_mean(paired) if live_idx else float("nan"),
+            "plateau_test": _diag.plateau_test(paired) if live_idx else {"ok": False, "reason": "no chain left"},
             "dropped_chains": [d["chain"] for d in div.events],
             "divergences": div.events,
             "divergence_threshold": div.threshold,
@@ -592,6 +662,11 @@ def _summarise(
             "steps_per_s": s.n_steps / wall if wall > 0 else float("nan"),
         }
     )
+    converged, reasons = _diag.verdict(diag)
+    diag["verdict"] = "converged" if converged else "not converged: " + "; ".join(reasons)
+    diag["thresholds"] = {"min_acceptance": _diag.MIN_ACCEPTANCE, "min_chain_acceptance": _diag.MIN_CHAIN_ACCEPTANCE,
+                          "max_r_hat": _diag.MAX_R_HAT,
+                          "min_ess": _diag.MIN_ESS, "plateau_z": _diag.PLATEAU_Z, "plateau_rtol": _diag.PLATEAU_RTOL}
     return LLCResult(
         llc_mean=llc_mean,
         llc_std=llc_std,
@@ -649,7 +724,7 @@ def sgld_llc(
     on_divergence: Literal["raise", "drop"] = "raise",
     divergence_threshold: float | None = None,
     vectorize: Literal["auto"] | bool = "auto",
-    mala_every: int = 10,
+    mala_every: int | Literal["auto"] = "auto",
     progress: bool = True,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂(w*) of ``loss_fn`` at ``params`` by SGLD (paper eq. 3–4, 8).
@@ -692,8 +767,9 @@ def sgld_llc(
         n_steps: total SGLD steps per chain, burn-in included.
         n_burnin: leading steps discarded (0 <= n_burnin < n_steps).
         n_chains: independent chains.
-        seed: seeds the noise (a generator seeded from ``numpy.random.SeedSequence(seed)``, one
-            [chains, d] block per step): the same seed and ``n_chains`` give the same draws, batched or not.
+        seed: seeds the noise: chain c draws from a generator seeded from
+            ``numpy.random.SeedSequence([seed, c])``, so its draws depend on (seed, c) only, not on the number
+            of chains or on whether they run batched, one by one or spread over processes.
         loss_at_optimum: L(w*), if known exactly.
         sampler: ``"sgld"`` or ``"rmsprop_sgld"``.
         masks: name -> bool or non-negative float tensor (broadcastable to the parameter). When given,
@@ -714,17 +790,25 @@ def sgld_llc(
             n_chains > 1 and falls back to one-by-one if the vmapped call fails — a ``loss_fn`` that
             cannot be vmapped, or out of memory on a GPU (the reason goes to ``diagnostics``).
         mala_every: every this many post-burn-in steps, evaluate the loss and gradient at the proposal on
-            the same batch for the MALA acceptance diagnostic (one extra gradient evaluation per chain,
-            i.e. 1/mala_every extra cost); 0 switches the diagnostic off.
+            the same batch for the MALA acceptance diagnostic (one extra gradient evaluation per chain, i.e.
+            1/mala_every extra cost after the burn-in); 0 switches it off (and the verdict then fails).
+            ``"auto"`` (default) spaces the checks so that every chain gets at least 50, enough for a standard
+            error of the acceptance: cost +50 gradient evaluations per chain (+100% of the post-burn-in steps
+            when there are fewer than 100 of them, +5% for 1000).
         progress: show a tqdm bar.
 
     Returns:
         :class:`LLCResult`. ``diagnostics["mala_acceptance"]`` is, per chain, the mean over the checked
         post-burn-in transitions of the Metropolis-adjusted-Langevin acceptance probability
         min(1, e^{log α}) that the SGLD proposal would have, with U = nβ L̂ + (γ/2)‖w − w*‖² on one batch
-        (≈0.9 or above is healthy; low values mean the step size is too large for the curvature);
-        ``"plateau"`` applies :func:`plateau_check` to each chain's trace;
-        ``"r_hat"`` is :func:`split_r_hat` of the post-burn-in traces.
+        (≈0.9 or above is healthy; low values mean the step size is too large for the curvature), with its
+        standard error in ``"mala_acceptance_se"``; ``"r_hat_rank"``, ``"ess_bulk"``, ``"ess_mean"`` are
+        the rank-normalised split R̂ and effective sample sizes of the paired excess nβ·(L(w_t) − L(w*))
+        (arviz-stats' definitions, :mod:`tl_degeneracy.llc.diagnostics`), ``"llc_se"`` the standard error of
+        λ̂ (also :attr:`LLCResult.llc_se`), ``"plateau_test"`` the last-two-quarters drift test and
+        ``"verdict"`` (also :attr:`LLCResult.verdict`, :attr:`LLCResult.converged`) the one-line judgement.
+        ``"r_hat"`` (classic split R̂) and ``"plateau"`` (per-chain half-vs-half check) are kept for
+        comparison.
 
     Example:
         >>> import torch, tl_degeneracy as tld
@@ -753,14 +837,14 @@ def sgld_llc(
     div = _Divergence(C, dev, s.threshold(D), nb, s.step_size)
     optimum = _OptimumLoss(value, w_star, None if loss_at_optimum is None else float(loss_at_optimum), n_steps,
                            batches is not None)
-    # One generator for all chains; the noise of a step is drawn as one [chains, d] block, in batched
-    # and one-by-one mode alike, so the same seed and n_chains give the same draws either way.
-    gen = torch.Generator(device=dev).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    noise_of = _ChainNoise(seed, C, D, dev, dt)
 
     w = w_star.unsqueeze(0).repeat(C, 1)  # [C, D] state of every chain
     step = _SGLDStep(w, w_star, nb, gamma)
     trace = torch.full((C, n_steps), float("nan"), dtype=torch.float64)
-    accept, accept_n = torch.zeros(C, dtype=torch.float64, device=dev), 0
+    accept = torch.zeros(C, dtype=torch.float64, device=dev)  # MALA acceptance: sum, sum of squares, checks
+    accept_sq, accept_n = torch.zeros_like(accept), 0
+    every = s.mala_spacing()
     batch_iter = _cycle(batches)
     t0 = time.perf_counter()
     bar = tqdm(range(n_steps), desc="SGLD", disable=not progress, leave=False)
@@ -780,13 +864,15 @@ def sgld_llc(
         if not div.all_alive:
             g_loss = torch.where(div.alive_dev[:, None], g_loss, torch.zeros((), dtype=dt, device=dev))
         half, factor, sqrt_factor = precond.factors(g_loss, t)
-        noise = torch.randn(C, D, generator=gen, device=dev, dtype=dt)
+        noise = noise_of.step()
         w_next = step(w, g_loss, half, sqrt_factor, noise)
 
-        if mala_every and t >= n_burnin and (t - n_burnin) % mala_every == 0:  # never alters the chain
+        if every and t >= n_burnin and (t - n_burnin) % every == 0:  # never alters the chain
             g_next, loss_next = backend(w_next, batch, div.alive)
             a = _mala_acceptance(w, w_next, noise, factor, loss, loss_next, g_next, w_star, nb, gamma)
-            accept += torch.where(div.alive_dev & torch.isfinite(a), a, 0.0)
+            a = torch.where(div.alive_dev & torch.isfinite(a), a, 0.0)
+            accept += a
+            accept_sq += a * a
             accept_n += 1
 
         w = step.accept(w, None if div.all_alive else div.alive_dev)  # stopped chains: at w*
@@ -795,7 +881,7 @@ def sgld_llc(
     bar.close()
 
     result = _summarise(
-        s, pack, trace, optimum.estimate(n_burnin), div.alive, accept, accept_n, div, backend,
+        s, pack, trace, optimum, div.alive, (accept, accept_sq, accept_n), div, backend,
         time.perf_counter() - t0, loss_at_optimum_given=loss_at_optimum is not None,
     )
     _raise_or_warn(result, div, on_divergence)
