@@ -46,7 +46,15 @@ from tl_degeneracy.errors import (
     TLDegeneracyError,
     UnknownHookError,
 )
-from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
+from tl_degeneracy.llc import (
+    LLCCalibration,
+    LLCResult,
+    LLCScaleSweep,
+    calibrate_llc,
+    estimate_llc,
+    llc_scale_sweep,
+    sgld_llc,
+)
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
@@ -56,6 +64,7 @@ __all__ = [
     "HeadSync",
     "IncompatibleStatsError",
     "InteractionBasis",
+    "LLCCalibration",
     "LLCResult",
     "LLCScaleSweep",
     "MemoryPlan",
@@ -72,6 +81,7 @@ __all__ = [
     "__version__",
     "bundled_data_path",
     "bundled_model_path",
+    "calibrate_llc",
     "collect",
     "estimate_llc",
     "head_sync",

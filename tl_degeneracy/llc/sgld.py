@@ -582,6 +582,23 @@ def _check_start(loss: Tensor, g_loss: Tensor) -> None:
         )
 
 
+class _RunningLLC:
+    """The λ̂ the progress bar shows at every step: the mean over the post-burn-in steps so far of the live
+    chains' mean nβ·(L − L(w*)) (during the burn-in: the current step's value, marked as such)."""
+
+    def __init__(self, n_burnin: int):
+        self.n_burnin, self.total, self.n, self.last = n_burnin, 0.0, 0, float("nan")
+
+    def add(self, t: int, value: float) -> None:
+        self.last = value
+        if t >= self.n_burnin:
+            self.total += value
+            self.n += 1
+
+    def text(self) -> str:
+        return f"λ̂={self.total / self.n:.4g}" if self.n else f"burn-in λ̂={self.last:.4g}"
+
+
 class _OptimumLoss:
     """L(w*): the given number, or measured on every step's batch (once without data)."""
 
@@ -846,6 +863,7 @@ def sgld_llc(
     accept_sq, accept_n = torch.zeros_like(accept), 0
     every = s.mala_spacing()
     batch_iter = _cycle(batches)
+    running = _RunningLLC(n_burnin)
     t0 = time.perf_counter()
     bar = tqdm(range(n_steps), desc="SGLD", disable=not progress, leave=False)
     for t in bar:
@@ -876,8 +894,9 @@ def sgld_llc(
             accept_n += 1
 
         w = step.accept(w, None if div.all_alive else div.alive_dev)  # stopped chains: at w*
-        if progress and t % 50 == 0:
-            bar.set_postfix(llc=f"{nb * (float(loss_cpu[div.alive].mean()) - l_opt):.4g}")
+        if progress:  # the running λ̂: mean excess over the draws so far (burn-in: the current step's)
+            running.add(t, nb * (float(loss_cpu[div.alive].mean()) - l_opt))
+            bar.set_postfix_str(running.text(), refresh=False)
     bar.close()
 
     result = _summarise(
