@@ -118,3 +118,46 @@ def test_chain_noise_depends_on_seed_and_chain_only():
                           None, n_chains=3, **kw)
     assert torch.equal(one.loss_trace[0], three.loss_trace[0])
     assert not torch.equal(three.loss_trace[0], three.loss_trace[1])
+
+
+def _stage_args(tiny_gpt2_path, tmp_path, out):
+    text = tmp_path / "code.txt"
+    if not text.exists():
+        text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(60)))
+    return ["run", "--model", tiny_gpt2_path, "--data", str(text), "--stages", "llc", "--seq-len", "16",
+            "--llc-steps", "4", "--llc-burnin", "1", "--llc-chains", "2", "--llc-n-tokens", "60",
+            "--llc-batch-size", "4", "--llc-nbetas", "3000,10000,30000", "--llc-nbeta", "10000",
+            "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(out)]
+
+
+def test_interrupted_llc_stage_resumes_without_recomputing(tiny_gpt2_path, tmp_path, monkeypatch):
+    # 5 estimates: all, blocks.0, blocks.1 at nβ = 10⁴, then all at 3000 and 30000. Interrupt after two.
+    calls = []
+    original = tld.estimate_llc
+
+    def interrupting(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append((k["params"], k["nbeta"]))
+        return original(*a, **k)
+
+    monkeypatch.setattr(tld, "estimate_llc", interrupting)
+    out = tmp_path / "run"
+    assert main(_stage_args(tiny_gpt2_path, tmp_path, out)) != 0  # the command reports the interrupt
+    assert calls == [("all", 10000.0), ("blocks.0", 10000.0)]
+    finished = {sel: (out / "llc" / sel / "llc.safetensors").stat().st_mtime_ns for sel in ("all", "blocks.0")}
+
+    calls.clear()
+    monkeypatch.setattr(tld, "estimate_llc", lambda *a, **k: (calls.append((k["params"], k["nbeta"])),
+                                                              original(*a, **k))[1])
+    assert main(_stage_args(tiny_gpt2_path, tmp_path, out)) == 0
+    assert calls == [("blocks.1", 10000.0), ("all", 3000.0), ("all", 30000.0)]  # the first two were loaded
+    for sel, mtime in finished.items():
+        assert (out / "llc" / sel / "llc.safetensors").stat().st_mtime_ns == mtime
+
+    whole = tmp_path / "whole"
+    assert main(_stage_args(tiny_gpt2_path, tmp_path, whole)) == 0
+    for sel in ("all", "blocks.0", "blocks.1", "scale/run_000", "scale/run_001", "scale/run_002"):
+        a, b = tld.LLCResult.load(out / "llc" / sel), tld.LLCResult.load(whole / "llc" / sel)
+        assert torch.equal(a.loss_trace, b.loss_trace) and a.llc_mean == b.llc_mean, sel
+    assert not list((out / "llc").glob("**/*.partial")) and not list((out / "llc").glob("**/*.old"))

@@ -102,7 +102,7 @@ class RunConfig:
     llc_nbetas: tuple[float, ...] = ()
     llc_step_size: float = 2e-5
     llc_localization: float = 5000.0
-    llc_chains: int = 2
+    llc_chains: int = 4
     llc_steps: int = 40
     llc_burnin: int = 15
     llc_n_tokens: int = 2048
@@ -525,45 +525,91 @@ def _check_llc(ctx: RunContext) -> None:
     ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
 
 
+def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Path, str, float, float]], list[float]]:
+    """Every estimate of the stage, in order, as (folder, selection, nβ, step size): each selection at the base
+    nβ, then the whole model at every other nβ of the sweep (the base nβ's whole-model estimate is the 'all'
+    selection's, not sampled again), with the step scaled by nβ_0/nβ_i so that step·nβ stays that of the
+    main estimate."""
+    c = ctx.config
+    selections = llc_selections(c.llc_params, ctx.layers)
+    nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
+    jobs = [(ctx.folder.llc_result(sel), sel, c.llc_nbeta, c.llc_step_size) for sel in selections]
+    base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # as llc_scale_sweep scales it
+    for i, nb in enumerate(nbetas):
+        if nb == c.llc_nbeta and "all" in selections:
+            continue
+        jobs.append((ctx.folder.llc_scale / f"run_{i:03d}", "all", nb, base_step * nbetas[0] / nb))
+    return jobs, nbetas
+
+
+def _load_finished(folder: Path, key: str) -> Any:
+    """The LLCResult saved in ``folder`` by this very job (same stage settings, selection, nβ, step), or None."""
+    try:
+        result = tld.LLCResult.load(folder)
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: compute it again
+        return None
+    return result if result.settings.get("run_key") == key else None
+
+
+def _save_replacing(result: Any, folder: Path) -> None:
+    """Save into ``folder`` without a moment where neither the old nor the new result exists: write a sibling
+    folder, move the old one aside, move the new one in, then delete the old one."""
+    tmp = folder.with_name(folder.name + ".partial")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.save(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """Resumable: each estimate is saved as it finishes; a rerun loads the finished ones (same settings) and
+    computes only what is missing."""
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    folder = ctx.folder.llc
-    if folder.exists():
-        shutil.rmtree(folder)
     options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
                                "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
-    results: dict[str, Any] = {}
+    stage_key = json.dumps(json_safe(_llc_settings(c)), sort_keys=True)
+    jobs, nbetas = _llc_jobs(ctx)
+    done: dict[tuple[str, float], Any] = {}
     with _forward_warnings(ctx.log):
-        for sel in llc_selections(c.llc_params, ctx.layers):
-            ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
-            results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
-                                            **options)
-            results[sel].save(ctx.folder.llc_result(sel))
-        # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
-        # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
-        # (the whole-model estimate at the base nβ, when already made above, is reused, not sampled again)
-        nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
-        ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
-        known = {c.llc_nbeta: results["all"]} if "all" in results else {}
-        todo = [nb for nb in nbetas if nb not in known]
-        base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # step·nβ fixed, as llc_scale_sweep scales it
-        steps = [base_step * nbetas[0] / nb for nb in todo]
-        done = tld.llc_scale_sweep(model, data, nbetas=todo, step_size=steps, params="all", **options).results \
-            if todo else []
-        by_nbeta = {**known, **{r.nbeta: r for r in done}}
-        sweep = tld.LLCScaleSweep([by_nbeta[nb] for nb in nbetas])
-    sweep.save(ctx.folder.llc_scale)
+        for folder, sel, nb, step in jobs:
+            key = f"{stage_key}|{sel}|{nb!r}|{step!r}"
+            result = _load_finished(folder, key)
+            if result is not None:
+                ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} already computed, loaded from {folder.name}")
+            else:
+                ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
+                result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, **options)
+                result.settings["run_key"] = key
+                _save_replacing(result, folder)
+            done[(sel, nb)] = result
+    results = {sel: r for (sel, nb), r in done.items() if nb == c.llc_nbeta and _is_selection(ctx, sel)}
+    sweep = tld.LLCScaleSweep([done[("all", nb)] for nb in nbetas])
+    for i, nb in enumerate(nbetas):  # the base nβ's row is the 'all' selection's result: saved there too
+        run = ctx.folder.llc_scale / f"run_{i:03d}"
+        if nb == c.llc_nbeta and "all" in results and _load_finished(run, results["all"].settings["run_key"]) is None:
+            _save_replacing(results["all"], run)
+    write_json(ctx.folder.llc_scale / "sweep.json", {"rows": sweep.rows(), "n_runs": len(sweep.results)}, indent=2)
     write_json(ctx.folder.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
                                          "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
     outputs = [ctx.folder.relative(ctx.folder.llc_result(sel) / f"llc.{ext}") for sel in results
                for ext in ("json", "safetensors")]
     outputs += [ctx.folder.relative(ctx.folder.llc_scale / "sweep.json"), ctx.folder.relative(ctx.folder.llc_summary)]
-    brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
+    brief = {sel: {"llc_mean": r.llc_mean, "llc_se": r.llc_se, "llc_std": r.llc_std, "eps_hat": r.eps_hat,
+                   "verdict": r.verdict} for sel, r in results.items()}
     brief["scale"] = sweep.rows()
     return outputs, brief
+
+
+def _is_selection(ctx: RunContext, sel: str) -> bool:
+    """Whether ``sel`` is one of the stage's parameter selections (not only a sweep row)."""
+    return sel in llc_selections(ctx.config.llc_params, ctx.layers)
 
 
 def _report_settings(c: RunConfig) -> dict[str, Any]:
