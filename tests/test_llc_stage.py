@@ -56,7 +56,7 @@ def test_scale_sweep_builds_masks_model_and_teacher_once(model, monkeypatch):
     assert calls == {"masks": 1, "fm": 1, "teacher": 2}  # 2 batches, their θ* outputs computed once
 
 
-def test_llc_stage_samples_the_whole_model_at_the_base_nbeta_once(tiny_gpt2_path, tmp_path, monkeypatch):
+def test_llc_stage_samples_the_whole_model_at_the_base_nbeta_once(tiny_gpt2_path, tmp_path, monkeypatch, capsys):
     seen = []
     original = sgld.sgld_llc
 
@@ -68,7 +68,7 @@ def test_llc_stage_samples_the_whole_model_at_the_base_nbeta_once(tiny_gpt2_path
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(60)))
     out = tmp_path / "run"
-    args = ["run", "--model", tiny_gpt2_path, "--data", str(tokens), "--stages", "llc", "--seq-len", "16",
+    args = ["run", "--model", tiny_gpt2_path, "--data", str(tokens), "--stages", "llc,report", "--seq-len", "16",
             "--llc-steps", "4", "--llc-burnin", "1", "--llc-chains", "2", "--llc-n-tokens", "60",
             "--llc-batch-size", "4", "--llc-nbetas", "3000,10000", "--llc-nbeta", "10000", "--layers", "0",
             "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(out)]
@@ -78,6 +78,12 @@ def test_llc_stage_samples_the_whole_model_at_the_base_nbeta_once(tiny_gpt2_path
     whole = tld.LLCResult.load(out / "llc" / "all")
     assert [r.nbeta for r in sweep.results] == [3000.0, 10000.0]
     assert torch.equal(sweep.results[1].loss_trace, whole.loss_trace)
+    # an LLC-only run's report states the whole-model λ̂ ± s.e. and its verdict; the command lists what failed
+    index = (out / "index.md").read_text()
+    assert f"λ̂ = {whole.llc_mean:.4g} ± {whole.llc_se:.2g} (s.e.)" in index and whole.verdict in index
+    assert not whole.converged  # 3 draws per chain: nothing can be judged converged
+    err = capsys.readouterr().err
+    assert "LLC estimate(s) not converged" in err and "LLC 'all'" in err and "ESS" in err
 
 
 def test_non_finite_weights_are_named_not_blamed_on_the_step_size(model):

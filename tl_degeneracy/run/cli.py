@@ -330,7 +330,20 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         write_json(RunFolder(out).run_json, record)
     if RunFolder(out).index.is_file():
         print(f"[tl-degeneracy] report: {RunFolder(out).index}", file=sys.stderr)
+    _print_llc_warnings(out)
     return 0
+
+
+def _print_llc_warnings(out: Path) -> None:
+    """Closing summary: every LLC estimate of the run that is not converged, with its reasons."""
+    if not RunFolder(out).llc_summary.is_file():
+        return
+    lines = report.llc_warnings(out)
+    if lines:
+        print(f"[tl-degeneracy] warning: {len(lines)} LLC estimate(s) not converged (see the report's LLC section):",
+              file=sys.stderr)
+        for line in lines:
+            print(f"[tl-degeneracy]   {line}", file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
