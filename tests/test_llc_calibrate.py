@@ -73,3 +73,41 @@ def test_calibrate_llc_on_a_model_writes_table_and_heat_map(tmp_path):
     assert cal.recommended is None or cal.recommended["step_size"] in cal.step_sizes
     with pytest.raises(tld.BadInputError, match="step_sizes"):
         tld.calibrate_llc(model, data, step_sizes=[], localizations=[1.0], nbeta=10.0)
+
+
+def test_calibrate_command_and_run_with_llc_calibrate(tiny_gpt2_path, tmp_path, capsys, monkeypatch):
+    from tl_degeneracy.run.cli import main
+
+    text = tmp_path / "code.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(60)))
+    common = ["--model", tiny_gpt2_path, "--data", str(text), "--seq-len", "16", "--llc-steps", "12",
+              "--llc-burnin", "4", "--llc-chains", "2", "--llc-n-tokens", "60", "--llc-batch-size", "4",
+              "--llc-nbeta", "1000", "--calibrate-step-sizes", "1e-6,1e-5", "--calibrate-localizations", "100",
+              "--no-progress", "--device", "cpu", "--threads", "1"]
+    out = tmp_path / "cal"
+    code = main(["calibrate", *common, "--out", str(out)])
+    cal = LLCCalibration.load(out / "llc" / "calibration")
+    assert code == (0 if cal.recommended is not None else 1)
+    assert (out / "llc" / "calibration" / "calibration.png").is_file()
+    assert cal.step_sizes == [1e-6, 1e-5] and cal.localizations == [100.0]
+    assert "LLC calibration at nβ = 1000" in capsys.readouterr().err
+
+    # 8 draws per chain never pass the ESS check, so no cell is converged: the run must refuse to guess
+    assert cal.recommended is None
+    run_args = ["run", *common, "--stages", "llc", "--llc-nbetas", "1000", "--layers", "0", "--llc-calibrate"]
+    assert main([*run_args, "--out", str(tmp_path / "refused")]) == 1
+    assert "--calibrate-step-sizes" in capsys.readouterr().err
+
+    # the wiring of a recommendation into the run: a calibration that recommends (1e-5, 100)
+    original = tld.calibrate_llc
+
+    def recommending(*a, **k):
+        cal = original(*a, **k)
+        cal.recommended = {"step_size": 1e-5, "localization": 100.0, "llc": 0.0, "llc_se": 0.0}
+        return cal
+
+    monkeypatch.setattr(tld, "calibrate_llc", recommending)
+    run_out = tmp_path / "run"
+    assert main([*run_args, "--llc-step-size", "3e-4", "--llc-localization", "5", "--out", str(run_out)]) == 0
+    used = tld.LLCResult.load(run_out / "llc" / "all").settings
+    assert used["step_size"] == 1e-5 and used["localization"] == 100.0
