@@ -76,9 +76,10 @@ class RunConfig:
 
     The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
     defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
-    and 40 steps) were chosen on the bundled model, where the per-layer traces level off within the
-    burn-in; they give a quick, strongly localised estimate. For numbers to report, raise ``llc_steps``
-    and check the traces and MALA acceptance in the report.
+    and 40 steps, now 4 chains) were chosen on the bundled model, where the per-layer traces level off within
+    the burn-in; they give a quick, strongly localised estimate that the report's verdict marks "not converged"
+    (25 draws per chain cannot reach the ESS bound). They have not been re-chosen by ``tl-degeneracy
+    calibrate`` yet; for numbers to report, run it (or ``run --llc-calibrate``) and raise ``llc_steps``.
     """
 
     model: str | None = None
