@@ -29,9 +29,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import tl_degeneracy.llc.diagnostics as _diag
 from tl_degeneracy._io import load_tensors, read_json, save_tensors, write_json
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
-from tl_degeneracy.llc import diagnostics as _diag
 
 __all__ = ["LLCResult", "sgld_llc"]
 
