@@ -57,6 +57,7 @@ def test_calibration_on_reduced_rank_regression_recovers_aoyagi():
     assert rec["step_size"] < 3e-3  # acceptance 0.83 there: refused
 
 
+@pytest.mark.tl3
 def test_calibrate_llc_on_a_model_writes_table_and_heat_map(tmp_path):
     model = make_tiny_model()
     data = tld.token_batches(model, random_tokens(8, 12), batch_size=4)

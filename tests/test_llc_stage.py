@@ -13,6 +13,8 @@ from tl_degeneracy.adapter import ModelAdapter
 from tl_degeneracy.llc.behavioral import _TeacherBatches, even_batches, llc_scale_sweep
 from tl_degeneracy.run.cli import main
 
+pytestmark = pytest.mark.tl3  # the model-facing LLC path: run on both TransformerLens majors
+
 SGLD = dict(localization=100.0, n_chains=2, n_steps=6, n_burnin=2, progress=False)
 
 
