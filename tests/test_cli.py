@@ -340,14 +340,15 @@ def test_interrupted_ablate_stage_resumes_site_by_site(tiny_args, full_run, tmp_
     assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 130
     first = calls[0]
     progress = out / ".progress" / "ablate" / "ablation"  # finished sites wait here; nothing is in place yet
-    before = (progress / f"{first}.interaction.safetensors").read_bytes()
+    before = tld.AblationCurve.load(progress / f"{first}.interaction.safetensors")
     assert (progress / "identity.json").is_file() and not list(out.glob("ablation/*.safetensors"))
 
     again = []
     monkeypatch.setattr(tld, "ablation_curves", lambda *a, **k: again.append(k["site"]) or real(*a, **k))
     assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 0
     assert first not in again and len(again) == len(list((full_run / "bases").glob("*.interaction.safetensors"))) - 1
-    assert (out / "ablation" / f"{first}.interaction.safetensors").read_bytes() == before
+    after = tld.AblationCurve.load(out / "ablation" / f"{first}.interaction.safetensors")
+    assert after.keep == before.keep and torch.equal(after.loss, before.loss)  # kept, not recomputed
     assert not (out / ".progress").exists()
     for path in (full_run / "ablation").glob("*.safetensors"):  # same curves as the uninterrupted run
         a, b = tld.AblationCurve.load(path), tld.AblationCurve.load(out / "ablation" / path.name)

@@ -59,7 +59,15 @@ from tl_degeneracy.errors import (
     TLDegeneracyError,
     UnknownHookError,
 )
-from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
+from tl_degeneracy.llc import (
+    LLCCalibration,
+    LLCResult,
+    LLCScaleSweep,
+    calibrate_llc,
+    estimate_llc,
+    llc_scale_sweep,
+    sgld_llc,
+)
 from tl_degeneracy.llc.parallel import estimate_llc_distributed, llc_scale_sweep_distributed
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
@@ -73,6 +81,7 @@ __all__ = [
     "CorruptFileError",
     "FormatVersionError",
     "InteractionBasis",
+    "LLCCalibration",
     "LLCResult",
     "LLCScaleSweep",
     "MemoryPlan",
@@ -91,6 +100,7 @@ __all__ = [
     "ablation_curves",
     "bundled_data_path",
     "bundled_model_path",
+    "calibrate_llc",
     "collect",
     "directions_needed",
     "estimate_llc",

@@ -1,17 +1,15 @@
 """SGLD chains and nβ values spread over ``torch.distributed`` ranks (paper §2.1–2.2, SPEC §5).
 
-Chains are independent, so chain c runs on rank c mod W with its own seed ``SeedSequence([seed, c])``
-(:func:`chain_seed`): the noise chain c draws does not depend on the world size, and its λ̂_c equals the one
-a single process computes for the same ``seed``. The per-chain results are gathered on every rank (one
+Chains are independent, so chain c runs on rank c mod W as ``estimate_llc(..., n_chains=1, first_chain=c)``:
+chain c draws its noise from a generator seeded by ``SeedSequence([seed, c])`` (:func:`~tl_degeneracy.sgld_llc`),
+so the noise does not depend on the world size, and λ̂_c equals chain c of a single-process
+``estimate_llc(..., n_chains=C, seed=seed)`` run one chain at a time (``vectorize=False``; batched chains
+differ from it only by floating-point rounding). The per-chain results are gathered on every rank (one
 ``all_gather_object``) and combined into one :class:`~tl_degeneracy.LLCResult` with the same formulas as
 :func:`~tl_degeneracy.sgld_llc` (mean and std over surviving chains, split-R̂, ε̂ = λ̂/nβ, N_eff = 2λ̂).
 A sweep spreads its nβ values instead: run i on rank i mod W, each run exactly :func:`estimate_llc`.
 
 Without a process group (or with W = 1) everything runs in this process, with the same per-chain seeds.
-
-Note: :func:`~tl_degeneracy.sgld_llc` itself draws the noise of all chains as one [chains, d] block from one
-generator, so its chain c depends on ``n_chains``; chain-parallel results therefore use per-chain seeds and
-differ (as draws, not in law) from ``estimate_llc(..., n_chains=C, seed=s)``.
 
 Example (``torchrun --nproc_per_node=2 script.py``)::
 
@@ -28,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -39,11 +36,6 @@ from tl_degeneracy.llc.sgld import LLCResult, split_r_hat
 
 class RankFailedError(TLDegeneracyError, RuntimeError):
     """A rank of a distributed LLC estimate failed; the message names the rank and its error."""
-
-
-def chain_seed(seed: int, chain: int) -> int:
-    """The seed of chain ``chain``: ``SeedSequence([seed, chain])``, independent of the number of chains."""
-    return int(np.random.SeedSequence([int(seed), int(chain)]).generate_state(1)[0])
 
 
 def _rank_world() -> tuple[int, int]:
@@ -87,7 +79,7 @@ def estimate_llc_distributed(model: Any, data: Iterable[Any], *, n_chains: int =
                              on_divergence: str = "raise", progress: bool = True, **options: Any) -> LLCResult:
     """:func:`~tl_degeneracy.estimate_llc` with its chains spread over the ranks of ``torch.distributed``.
 
-    Chain c runs on rank c mod W as ``estimate_llc(..., n_chains=1, seed=chain_seed(seed, c))``; the
+    Chain c runs on rank c mod W as ``estimate_llc(..., n_chains=1, first_chain=c, seed=seed)``; the
     per-chain λ̂_c, loss traces and diagnostics are gathered on every rank and combined like
     :func:`~tl_degeneracy.sgld_llc` does (λ̂ = mean of λ̂_c over surviving chains, paper eq. 8; ε̂ = λ̂/nβ,
     N_eff = 2λ̂, eq. 9). Every rank returns the same result; ``settings`` records ``world_size`` and
@@ -107,7 +99,7 @@ def estimate_llc_distributed(model: Any, data: Iterable[Any], *, n_chains: int =
     t0 = time.perf_counter()
 
     def one_chain(c: int) -> Any:
-        res = estimate_llc(model, data, n_chains=1, seed=chain_seed(seed, c), on_divergence="raise",
+        res = estimate_llc(model, data, n_chains=1, first_chain=c, seed=seed, on_divergence="raise",
                            progress=progress and rank == 0, **options)
         return res.to_dict()
 
@@ -211,4 +203,4 @@ def llc_scale_sweep_distributed(model: Any, data: Iterable[Any], *, nbetas: Sequ
     return LLCScaleSweep([runs[i] for i in range(len(nbetas))])
 
 
-__all__ = ["RankFailedError", "chain_seed", "estimate_llc_distributed", "llc_scale_sweep_distributed"]
+__all__ = ["RankFailedError", "estimate_llc_distributed", "llc_scale_sweep_distributed"]

@@ -15,6 +15,7 @@ interrupted run exits 130 and resumes when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -132,12 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "written to a report folder.",
     )
     parser.add_argument("--version", action="version", version=f"tl-degeneracy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,calibrate,report}")
 
     run = sub.add_parser("run", help="sweep layers and write a report folder",
                          description="Run the stages (stats, basis, sync, llc, report) into --out. A stage "
                                      "whose outputs already exist with the same settings is skipped, so an "
                                      "interrupted run resumes when the same command is run again.")
+    _add_run_arguments(run, d)
+    cal = sub.add_parser("calibrate", help="choose the LLC step size and localization on a grid (into --out)",
+                         description="Short SGLD chains over a grid of step sizes and localizations (the other "
+                                     "--llc-* options as for `run`); writes llc/calibration/ (table, heat map) "
+                                     "into --out and prints the recommended setting.")
+    _add_run_arguments(cal, d)
+
+    rep = sub.add_parser("report", help="redraw tables, plots and index.md of a run folder (no model needed)",
+                         description="Redraw summary.csv, summary.md, plots/*.png and index.md from the results "
+                                     "saved in DIR.")
+    rep.add_argument("dir", metavar="DIR", help="a folder written by `tl-degeneracy run`")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser, d: RunConfig) -> None:
     g = run.add_argument_group("model and data")
     g.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="hub name (needs a network) or a save_pretrained folder; default: the bundled model")
@@ -208,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"counted tokens the sampler cycles through (default {d.llc_n_tokens})")
     g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
                    help=f"sequences per SGLD step (default {d.llc_batch_size})")
+    g.add_argument("--llc-calibrate", action="store_true",
+                   help="run: calibrate first (as `tl-degeneracy calibrate`) and use the recommended step size "
+                        "and localization")
+    g.add_argument("--calibrate-step-sizes", type=_float_list, default=None, metavar="LIST",
+                   help="calibration grid of step sizes (default: --llc-step-size × 1/10, 1/3, 1, 3)")
+    g.add_argument("--calibrate-localizations", type=_float_list, default=None, metavar="LIST",
+                   help="calibration grid of localizations (default: --llc-localization × 1/10, 1, 10)")
+    g.add_argument("--calibrate-params", default="all", metavar="SELECTION",
+                   help="parameters the calibration samples (default all)")
 
     g = run.add_argument_group("ablation curves (ablate stage)")
     g.add_argument("--ablate-n-tokens", type=_positive_int, default=d.ablate_n_tokens, metavar="N",
@@ -227,12 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
                    help="run folder (default ./tl-degeneracy-run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    rep = sub.add_parser("report", help="redraw tables, plots and index.md of a run folder (no model needed)",
-                         description="Redraw summary.csv, summary.md, plots/*.png and index.md from the results "
-                                     "saved in DIR.")
-    rep.add_argument("dir", metavar="DIR", help="a folder written by `tl-degeneracy run`")
-    return parser
 
 
 def _config_from(args: argparse.Namespace) -> RunConfig:
@@ -295,6 +314,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     config = _config_from(args)
     if args.llc_burnin >= args.llc_steps:
         parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
+    if args.llc_calibrate:
+        cal = _calibrate(args, config, Path(args.out))
+        if cal.recommended is None:
+            raise BadInputError(f"--llc-calibrate found no setting to recommend ({cal.reason}); pass "
+                                "--calibrate-step-sizes / --calibrate-localizations")
+        config = dataclasses.replace(config, llc_step_size=cal.recommended["step_size"],
+                                     llc_localization=cal.recommended["localization"])
     explicit = args.stages is not None
     stages = list(args.stages) if explicit else default_stages(config, llc=args.llc)
     if explicit:
@@ -370,7 +396,52 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: 
         distributed.finish()
     if RunFolder(out).index.is_file():
         print(f"[tl-degeneracy] report: {RunFolder(out).index}", file=sys.stderr)
+    _print_llc_warnings(out)
     return 0
+
+
+def _calibrate(args: argparse.Namespace, config: RunConfig, out: Path) -> Any:
+    """The calibration grid of ``tl-degeneracy calibrate`` / ``run --llc-calibrate``, saved in the run folder."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.run.pipeline import RunContext
+
+    ctx = RunContext(config, out, progress=not args.no_progress)
+    data = ctx.data(n_tokens=config.llc_n_tokens, batch_size=config.llc_batch_size)
+    steps = args.calibrate_step_sizes or tuple(config.llc_step_size * f for f in (0.1, 1 / 3, 1.0, 3.0))
+    gammas = args.calibrate_localizations or tuple(config.llc_localization * f for f in (0.1, 1.0, 10.0))
+    cal = tld.calibrate_llc(ctx.model, data, step_sizes=steps, localizations=gammas, nbeta=config.llc_nbeta,
+                            n_steps=config.llc_steps, n_burnin=config.llc_burnin, n_chains=config.llc_chains,
+                            params=args.calibrate_params, seed=config.seed, progress=not args.no_progress)
+    folder = RunFolder(out).llc / "calibration"
+    cal.save(folder)
+    cal.plot(folder / "calibration.png")
+    print(f"[tl-degeneracy] {cal}", file=sys.stderr)
+    print(f"[tl-degeneracy] calibration: {folder / 'calibration.json'}, {folder / 'calibration.png'}",
+          file=sys.stderr)
+    return cal
+
+
+def _cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.llc_burnin >= args.llc_steps:
+        parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cal = _calibrate(args, _config_from(args), out)
+    return 0 if cal.recommended is not None else 1
+
+
+def _print_llc_warnings(out: Path) -> None:
+    """Closing summary: every LLC estimate of the run that is not converged, with its reasons."""
+    if not RunFolder(out).llc_summary.is_file():
+        return
+    lines = report.llc_warnings(out)
+    if lines:
+        print(f"[tl-degeneracy] warning: {len(lines)} LLC estimate(s) not converged (see the report's LLC section):",
+              file=sys.stderr)
+        for line in lines:
+            print(f"[tl-degeneracy]   {line}", file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -390,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args, argv, parser)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args, parser)
         return _cmd_report(args)
     except SystemExit as exit_:  # parser.error after parsing
         return int(exit_.code or 0)

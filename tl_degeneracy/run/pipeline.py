@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import sys
@@ -80,9 +81,10 @@ class RunConfig:
 
     The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
     defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
-    and 40 steps) were chosen on the bundled model, where the per-layer traces level off within the
-    burn-in; they give a quick, strongly localised estimate. For numbers to report, raise ``llc_steps``
-    and check the traces and MALA acceptance in the report.
+    and 40 steps, now 4 chains) were chosen on the bundled model, where the per-layer traces level off within
+    the burn-in; they give a quick, strongly localised estimate that the report's verdict marks "not converged"
+    (25 draws per chain cannot reach the ESS bound). They have not been re-chosen by ``tl-degeneracy
+    calibrate`` yet; for numbers to report, run it (or ``run --llc-calibrate``) and raise ``llc_steps``.
     """
 
     model: str | None = None
@@ -109,7 +111,7 @@ class RunConfig:
     llc_nbetas: tuple[float, ...] = ()
     llc_step_size: float = 2e-5
     llc_localization: float = 5000.0
-    llc_chains: int = 2
+    llc_chains: int = 4
     llc_steps: int = 40
     llc_burnin: int = 15
     llc_n_tokens: int = 2048
@@ -711,35 +713,81 @@ def _check_llc(ctx: RunContext) -> None:
     ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
 
 
+def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Callable[[RunFolder], Path], str, float, float]], list[float]]:
+    """Every estimate of the stage, in order, as (where in a run folder, selection, nβ, step size): each
+    selection at the base nβ, then the whole model at every other nβ of the sweep (the base nβ's whole-model
+    estimate is the 'all' selection's, not sampled again), with the step scaled by nβ_0/nβ_i so that step·nβ
+    stays that of the main estimate."""
+    c = ctx.config
+    selections = llc_selections(c.llc_params, ctx.layers)
+    nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
+    jobs: list[tuple[Callable[[RunFolder], Path], str, float, float]] = [
+        ((lambda f, sel=sel: f.llc_result(sel)), sel, c.llc_nbeta, c.llc_step_size) for sel in selections]
+    base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # as llc_scale_sweep scales it
+    for i, nb in enumerate(nbetas):
+        if nb == c.llc_nbeta and "all" in selections:
+            continue
+        jobs.append(((lambda f, i=i: f.llc_scale / f"run_{i:03d}"), "all", nb, base_step * nbetas[0] / nb))
+    return jobs, nbetas
+
+
+def _load_finished(folder: Path, key: str) -> Any:
+    """The LLCResult saved in ``folder`` by this very job (same stage settings, selection, nβ, step), or None."""
+    try:
+        result = tld.LLCResult.load(folder)
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: compute it again
+        return None
+    return result if result.settings.get("run_key") == key else None
+
+
 def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """Resumable: each estimate is saved in the stage's progress folder as it finishes; a rerun loads the
+    finished ones (same settings: from the progress folder after an interrupt, or from the run folder's own
+    results) and computes only what is missing. The outputs go to the staging folder and replace the old
+    ones only when every estimate is done."""
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
     options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
                                "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
-    results: dict[str, Any] = {}
+    stage_key = json.dumps(json_safe(_llc_settings(c)), sort_keys=True)
+    jobs, nbetas = _llc_jobs(ctx)
+    progress = ctx.progress_folder
+    done: dict[tuple[str, float], Any] = {}
     with _forward_warnings(ctx.log):
-        for sel in llc_selections(c.llc_params, ctx.layers):
-            ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
-            results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
-                                            **options)
-            results[sel].save(ctx.target.llc_result(sel))
-        # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
-        # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
-        nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
-        ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
-        sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
-                                    scale_step_size=True, params="all", **options)
-    sweep.save(ctx.target.llc_scale)
-    write_json(ctx.target.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
-                                         "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
-    outputs = [ctx.target.relative(ctx.target.llc_result(sel) / f"llc.{ext}") for sel in results
+        for where, sel, nb, step in jobs:
+            key = f"{stage_key}|{sel}|{nb!r}|{step!r}"
+            result = _load_finished(where(progress), key) or _load_finished(where(ctx.folder), key)
+            if result is not None:
+                ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} already computed, loaded")
+            else:
+                ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
+                result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, **options)
+                result.settings["run_key"] = key
+                result.save(where(progress))
+            done[(sel, nb)] = result
+    results = {sel: r for (sel, nb), r in done.items() if nb == c.llc_nbeta and _is_selection(ctx, sel)}
+    sweep = tld.LLCScaleSweep([done[("all", nb)] for nb in nbetas])
+    target = ctx.target
+    for (sel, nb), result in done.items():
+        if nb == c.llc_nbeta and _is_selection(ctx, sel):
+            result.save(target.llc_result(sel))
+    sweep.save(target.llc_scale)  # every nβ's whole-model result, the base nβ's being the 'all' selection's
+    write_json(target.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
+                                    "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
+    outputs = [target.relative(target.llc_result(sel) / f"llc.{ext}") for sel in results
                for ext in ("json", "safetensors")]
-    outputs += [ctx.target.relative(ctx.target.llc_scale / "sweep.json"), ctx.target.relative(ctx.target.llc_summary)]
-    brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
+    outputs += [target.relative(target.llc_scale / "sweep.json"), target.relative(target.llc_summary)]
+    brief = {sel: {"llc_mean": r.llc_mean, "llc_se": r.llc_se, "llc_std": r.llc_std, "eps_hat": r.eps_hat,
+                   "verdict": r.verdict} for sel, r in results.items()}
     brief["scale"] = sweep.rows()
     return outputs, brief
+
+
+def _is_selection(ctx: RunContext, sel: str) -> bool:
+    """Whether ``sel`` is one of the stage's parameter selections (not only a sweep row)."""
+    return sel in llc_selections(ctx.config.llc_params, ctx.layers)
 
 
 def _report_settings(c: RunConfig) -> dict[str, Any]:

@@ -87,8 +87,10 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "neuron_blocks": "neuron blocks",
     "neuron_extra_dof": "neuron extra dof",
     "llc": "LLC (layer)",
-    "llc_std": "± std",
+    "llc_se": "± s.e.",
+    "llc_std": "std over chains",
     "eps_hat": "ε̂",
+    "llc_verdict": "LLC verdict",
 }
 
 _DPI = 110
@@ -224,8 +226,10 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
             "neuron_blocks": len(neurons["dof"]["blocks"]) if neurons else None,
             "neuron_extra_dof": neurons["dof"]["extra"] if neurons else None,
             "llc": llc.llc_mean if llc is not None else None,
+            "llc_se": llc.llc_se if llc is not None else None,
             "llc_std": llc.llc_std if llc is not None else None,
             "eps_hat": llc.eps_hat if llc is not None else None,
+            "llc_verdict": llc.verdict if llc is not None else None,
         })
     return rows
 
@@ -558,7 +562,9 @@ def plot_llc_traces(results: Mapping[str, Any]) -> Figure:
             ax.plot(steps, trace[c], lw=0.8, alpha=0.8, label=f"chain {c}")
         ax.axvspan(0, res.n_burnin, color="0.85", zorder=0, label="burn-in")
         ax.axhline(res.llc_mean, color="k", ls="--", lw=1, label="λ̂")
-        ax.set_title(f"{name}: λ̂ = {res.llc_mean:.3g} ± {res.llc_std:.2g}, ε̂ = {res.eps_hat:.2g}", fontsize=9)
+        verdict = res.verdict if len(res.verdict) < 60 else res.verdict[:57] + "…"
+        ax.set_title(f"{name}: λ̂ = {res.llc_mean:.3g} ± {res.llc_se:.2g} (s.e.), ε̂ = {res.eps_hat:.2g}\n{verdict}",
+                     fontsize=8, color="k" if res.converged else "C3")
         ax.set_xlabel("SGLD step")
         ax.set_ylabel("nβ·(L − L(w*))")
         ax.grid(True, alpha=0.3)
@@ -572,7 +578,7 @@ def plot_llc_scale(results: Any) -> Figure:
     """λ̂(ε) and N_eff(ε) = 2λ̂(ε) (paper eq. 9) from LLC estimates at several nβ (an ``LLCScaleSweep``).
 
     Each point is one nβ; its loss scale is ε̂ = λ̂/nβ, so larger nβ probes smaller ε. Error bars are the
-    standard deviation across chains. The dashed line in the right panel is the number of sampled
+    standard errors of λ̂ (``LLCResult.llc_se``). The dashed line in the right panel is the number of sampled
     parameters, the value N_eff would take if no direction were degenerate at that scale.
     """
     results = list(getattr(results, "results", results))  # an LLCScaleSweep or a sequence of LLCResult
@@ -581,7 +587,7 @@ def plot_llc_scale(results: Any) -> Figure:
     res = sorted(results, key=lambda r: r.nbeta)
     eps = np.array([r.eps_hat for r in res])
     lam = np.array([r.llc_mean for r in res])
-    std = np.nan_to_num(np.array([r.llc_std for r in res]))
+    std = np.nan_to_num(np.array([r.llc_se for r in res]))
     fig = Figure(figsize=(10, 3.8), dpi=_DPI, layout="constrained")
     ax_l, ax_n = fig.subplots(1, 2)
     ax_l.errorbar(eps, lam, yerr=std, marker="o", capsize=3)
@@ -706,7 +712,7 @@ def write_report(folder: str | os.PathLike) -> Path:
             "parameters (`blocks.l`), where L_B is the KL divergence from the original model's predictions. "
             "λ̂ is the post-burn-in mean; traces should rise and level off. A smaller λ̂ means a more "
             "degenerate (simpler) solution at the loss scale ε̂ = λ̂/nβ. "
-            + _llc_settings_sentence(res.llc) + "\n"
+            + _llc_settings_sentence(res.llc) + "\n\n" + _llc_estimates_table(res.llc) + "\n"
         )
     if res.llc_scale:
         _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
@@ -729,6 +735,9 @@ def write_report(folder: str | os.PathLike) -> Path:
         sync_note = (f" Head and neuron blocks are counted at τ = {res.sync.get('tau_heads'):g} and "
                      f"τ = {res.sync.get('tau_neurons'):g} on the {res.sync.get('measure', '').replace('_', ' ')}; "
                      "extra dof is the freedom synchronisation adds (Σ_S r_S² − Σ_u r_u²).")
+    if whole is not None:
+        header += (f"\n**Whole-model behavioral LLC** at nβ = {whole.nbeta:g}: λ̂ = {whole.llc_mean:.4g} ± "
+                   f"{whole.llc_se:.2g} (s.e.), ε̂ = {whole.eps_hat:.3g}, N_eff = {whole.n_eff:.4g}; {whole.verdict}.\n")
     index = (f"# tl-degeneracy report\n\n{header}\n## Summary per layer\n\n"
              "One row per site: width d, rank of the activation covariance G, kept dimension of the interaction "
              "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. The synchronisation and "
@@ -740,6 +749,28 @@ def write_report(folder: str | os.PathLike) -> Path:
         plots = sorted(p for p in run.plots.glob("*.png") if foreign.get(p) != p.stat().st_mtime_ns)
         run.record("report", [run.relative(p) for p in (run.summary_csv, run.summary_md, run.index, *plots)])
     return path
+
+
+def _llc_estimates_table(results: Mapping[str, Any]) -> str:
+    """Every estimate with its standard error and verdict (the whole model first)."""
+    lines = ["| parameters | λ̂ ± s.e. | ESS | MALA acceptance | R̂ | verdict |", "|---|---|---|---|---|---|"]
+    for name in sorted(results, key=lambda n: (n != "all", n)):
+        r = results[name]
+        d = r.diagnostics
+        acc = [a for a in d.get("mala_acceptance", []) if isinstance(a, float) and math.isfinite(a)]
+        lines.append(f"| `{name}` | {r.llc_mean:.4g} ± {r.llc_se:.2g} | {_fmt(d.get('ess_bulk'))} | "
+                     f"{_fmt(sum(acc) / len(acc) if acc else None)} | {_fmt(d.get('r_hat_rank'))} | {r.verdict} |")
+    return ("λ̂ ± its standard error: the Monte-Carlo standard error of the post-burn-in mean over all chains, "
+            "from their spread and effective sample size (ESS). The verdict requires mean MALA acceptance ≥ 0.9, "
+            "rank-normalised R̂ ≤ 1.1, bulk ESS ≥ 50, a trace whose last two quarters agree, and no divergence.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def llc_warnings(folder: str | os.PathLike) -> list[str]:
+    """One line per LLC estimate of a run folder that is not converged (for the command's closing summary)."""
+    res = load_results(folder)
+    return [f"LLC '{name}': λ̂ = {r.llc_mean:.4g} ± {r.llc_se:.2g}, {r.verdict}" for name, r in res.llc.items()
+            if not r.converged]
 
 
 def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
