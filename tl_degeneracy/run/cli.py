@@ -315,6 +315,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     if args.llc_burnin >= args.llc_steps:
         parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
     if args.llc_calibrate:
+        RunFolder(args.out).claim()  # the calibration is written into the run folder: it must be ours
         cal = _calibrate(args, config, Path(args.out))
         if cal.recommended is None:
             raise BadInputError(f"--llc-calibrate found no setting to recommend ({cal.reason}); pass "
@@ -412,9 +413,11 @@ def _calibrate(args: argparse.Namespace, config: RunConfig, out: Path) -> Any:
     cal = tld.calibrate_llc(ctx.model, data, step_sizes=steps, localizations=gammas, nbeta=config.llc_nbeta,
                             n_steps=config.llc_steps, n_burnin=config.llc_burnin, n_chains=config.llc_chains,
                             params=args.calibrate_params, seed=config.seed, progress=not args.no_progress)
-    folder = RunFolder(out).llc / "calibration"
+    run = RunFolder(out)
+    folder = run.llc / "calibration"
     cal.save(folder)
     cal.plot(folder / "calibration.png")
+    run.record("calibrate", [run.relative(p) for p in folder.rglob("*") if p.is_file()])
     print(f"[tl-degeneracy] {cal}", file=sys.stderr)
     print(f"[tl-degeneracy] calibration: {folder / 'calibration.json'}, {folder / 'calibration.png'}",
           file=sys.stderr)
@@ -425,7 +428,7 @@ def _cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.llc_burnin >= args.llc_steps:
         parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    RunFolder(out).claim()  # the calibration is written into a run folder: refuse anyone else's folder
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cal = _calibrate(args, _config_from(args), out)
