@@ -20,6 +20,7 @@ from typing import Any
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, ModelShape, load_model, parameter_masks, parameter_selections
 from tl_degeneracy.analysis import (
+    DimCurve,
     HeadSync,
     InteractionBasis,
     NeuronSync,
@@ -53,6 +54,7 @@ from tl_degeneracy.stats import Stats
 __all__ = [
     "SITE_KINDS",
     "BadInputError",
+    "DimCurve",
     "HeadSync",
     "IncompatibleStatsError",
     "InteractionBasis",

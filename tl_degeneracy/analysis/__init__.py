@@ -5,10 +5,11 @@
 - :mod:`~tl_degeneracy.analysis.linkage`: single-linkage blocks and block ranks.
 """
 
-from tl_degeneracy.analysis.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
+from tl_degeneracy.analysis.basis import DimCurve, InteractionBasis, interaction_bases, interaction_basis, pca_basis
 from tl_degeneracy.analysis.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync
 
 __all__ = [
+    "DimCurve",
     "HeadSync",
     "InteractionBasis",
     "NeuronSync",
