@@ -28,7 +28,6 @@ from tl_degeneracy.adapter import as_adapter, load_tokenizer
 from tl_degeneracy.errors import BadInputError
 
 
-
 def _package_data_dir() -> Path:
     """The package's own ``tl_degeneracy/bundled/`` folder, found through :mod:`importlib.resources`."""
     folder = importlib.resources.files("tl_degeneracy").joinpath("bundled")

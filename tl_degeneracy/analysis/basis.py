@@ -204,7 +204,8 @@ class InteractionBasis:
     ) -> DimCurve:
         """Kept dimension as a function of the absolute tolerance ε (the paper's noise scale, §2.2.2).
 
-        Returns a :class:`DimCurve` ``(eps, dims)`` (a named tuple: unpack it as a pair): ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
+        Returns a :class:`DimCurve` ``(eps, dims)`` (a named tuple: unpack it as a pair):
+        ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
         ``n_points`` log-spaced values ascending from the float64 noise floor (``lambda_floor``, at least
         ``ε₆₄·λ_max``) to the largest eigenvalue ``λ_max`` (where the dimension is 0); it is empty when
         no eigenvalue is positive.
