@@ -119,3 +119,28 @@ def test_old_pca_files_with_c_pinv_still_load(tmp_path):
     tensors = load_file(str(path))
     save_tensors(path, {**tensors, "C_pinv": pb.C_pinv}, sidecar=False)  # the earlier layout
     assert torch.equal(tld.InteractionBasis.load(path).C_pinv, pb.C_pinv)
+
+
+def test_colab_links_and_clone_follow_the_one_repository_setting():
+    """README and notebooks name the repository of pyproject's [project.urls] (scripts/set_repository.py)."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "set_repository.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import set_repository
+    finally:
+        sys.path.pop(0)
+    text = "[x](https://colab.research.google.com/github/a/b/blob/main/d.ipynb) git clone https://github.com/a/b.git"
+    assert set_repository.rewrite(text, "me/fork") == (
+        "[x](https://colab.research.google.com/github/me/fork/blob/main/d.ipynb) git clone https://github.com/me/fork.git"
+    )
+
+
+def test_notebooks_run_the_command_through_sys_executable():
+    """A kernel from a venv that was never activated has no ``tl-degeneracy`` on PATH."""
+    notebooks = {p.name: p.read_text() for p in (REPO / "demos").glob("*.ipynb")}
+    assert notebooks
+    for name, text in notebooks.items():
+        assert '[\\"tl-degeneracy\\"' not in text, name
+    assert 'sys.executable, \\"-m\\", \\"tl_degeneracy\\"' in notebooks["Sweeps.ipynb"]
