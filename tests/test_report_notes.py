@@ -43,3 +43,22 @@ def test_summary_table_marks_values_at_their_ceiling():
     lines = summary_markdown(rows).splitlines()
     assert "300" + CEILING_MARK in lines[2] and "128" + CEILING_MARK in lines[2]
     assert CEILING_MARK not in lines[3]
+
+
+def test_run_prints_the_footprint_before_the_pass_and_a_line_per_basis_site(tmp_path):
+    from tl_degeneracy.run.pipeline import RunConfig, run_stages
+
+    lines: list[str] = []
+    cfg = RunConfig(layers=(0,), n_tokens=256, n_probes=1, sync=False, device="cpu")
+    run_stages(cfg, tmp_path / "run", ["stats", "basis"], progress=True, log=lines.append)
+    foot = [x for x in lines if x.startswith("stats: estimated disk")]
+    assert len(foot) == 1
+    assert lines.index(foot[0]) < next(i for i, x in enumerate(lines) if x.startswith("stats: done"))
+    per_site = [x for x in lines if x.startswith("basis: site ")]
+    assert [x.split()[2:4] for x in per_site] == [["1/2", "blocks.0.hook_resid_pre:"],
+                                                   ["2/2", "blocks.0.mlp.hook_post:"]]
+    # the bound holds: what was written is below the estimate
+    number, unit = foot[0].split("≤ ")[1].split(" (")[0].split()
+    estimate = float(number) * {"MiB": 1024**2, "GiB": 1024**3}[unit]
+    written = sum(p.stat().st_size for p in (tmp_path / "run").rglob("*.safetensors"))
+    assert 0 < written <= estimate

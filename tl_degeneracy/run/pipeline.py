@@ -47,6 +47,7 @@ from tl_degeneracy._io import json_safe, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.run.layout import RunFolder
+from tl_degeneracy.sites import site_dim
 
 __all__ = [
     "RunConfig",
@@ -419,6 +420,8 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     adapter = tld.ModelAdapter(model)
     sync = c.sync
     partial = ctx.folder.stats_partial
+    ctx.log(footprint_estimate(model, sites, data, jacobian=c.jacobian is not None, sync=sync,
+                               layers=ctx.layers, precision=c.precision))
     if partial.exists():
         ctx.log(f"stats: resuming the interrupted pass from {partial}")
     with _forward_warnings(ctx.log):
@@ -433,6 +436,36 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     partial.with_suffix(".json").unlink(missing_ok=True)
     return ["stats.safetensors", "stats.json"], {"n_tokens": stats.n_tokens, "sites": stats.sites,
                                                   "collect_seconds": stats.meta.get("seconds")}
+
+
+def footprint_estimate(model: Any, sites: Sequence[str], data: tld.TokenBatches, *, jacobian: bool, sync: bool,
+                       layers: Sequence[int], precision: str = "accurate") -> str:
+    """One line, printed before the statistics pass: the disk a run will write and its memory peak.
+
+    Disk: the float64 statistics (their accumulators, :func:`tl_degeneracy.plan_memory`) and at most
+    ``3·8·d²`` bytes per site for the bases (interaction C and C⁺ of at most d rows, PCA C). Memory: the plan's
+    estimated peak. Example: ``stats: estimated disk ≤ 12.0 MiB (statistics 4.1 MiB, bases ≤ 7.9 MiB); ...``.
+    """
+    adapter = tld.ModelAdapter(model)
+    sync_layers = list(layers) if sync else []
+    plan = tld.plan_memory(model, list(sites), batch_size=data.batch_size, seq_len=data.seq_len, jacobian=jacobian,
+                           head_sync_layers=sync_layers,
+                           neuron_sync_layers=sync_layers if adapter.d_mlp is not None else [],
+                           precision=precision)
+    widths = [site_dim(model, s) for s in sites]
+    bases = 3 * 8 * sum(d * d for d in widths) if jacobian else 0
+    disk = plan.accumulator_bytes + bases
+    return (f"stats: estimated disk ≤ {_size(disk)} (statistics {_size(plan.accumulator_bytes)}, "
+            f"bases ≤ {_size(bases)}); estimated memory peak {_size(plan.peak_bytes())}; "
+            f"{data.n_counted} counted tokens in {len(data)} batches")
+
+
+def _size(n: float) -> str:
+    """Bytes for people, rounded up: ``_size(3.2e9) == '3.0 GiB'``, ``_size(5e6) == '4.8 MiB'``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale or unit == "MiB":
+            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _basis_settings(c: RunConfig) -> dict[str, Any]:
