@@ -492,9 +492,8 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             bases.update(tld.interaction_bases(stats, sites=[site], center=True, rtol=c.rtol, atol=c.atol,
                                                scaling="sqrt_lambda"))
             pcas[site] = tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol)
-            if ctx.progress:
-                ctx.log(f"basis: site {i + 1}/{len(sites)} {site}: d={bases[site].input_dim}, "
-                        f"dim={bases[site].dim}, {time.perf_counter() - t0:.1f} s")
+            ctx.log(f"basis: site {i + 1}/{len(sites)} {site}: d={bases[site].input_dim}, "
+                    f"dim={bases[site].dim}, {time.perf_counter() - t0:.1f} s")
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):
