@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import FunctionalModel, parameter_masks, parameter_selections

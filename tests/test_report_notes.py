@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, make_tiny_model, random_tokens
+from tiny import TINY, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.run.report import CEILING_MARK, architectural_ceiling, summary_markdown, token_ceiling

@@ -41,6 +41,8 @@ from tl_degeneracy.data import (
 )
 from tl_degeneracy.errors import (
     BadInputError,
+    CorruptFileError,
+    FormatVersionError,
     IncompatibleStatsError,
     NonFiniteError,
     SamplerDivergedError,
@@ -57,6 +59,8 @@ __all__ = [
     "DimCurve",
     "HeadSync",
     "IncompatibleStatsError",
+    "CorruptFileError",
+    "FormatVersionError",
     "InteractionBasis",
     "LLCResult",
     "LLCScaleSweep",

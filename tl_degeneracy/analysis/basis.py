@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +38,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
-from tl_degeneracy.errors import BadInputError, NonFiniteError
+from tl_degeneracy._io import (
+    check_format,
+    load_tensors,
+    read_json,
+    save_tensors,
+    tensor_path,
+    tensors_checksum,
+    write_json,
+)
+from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
 __all__ = ["DimCurve", "InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
 
@@ -146,6 +155,8 @@ class InteractionBasis:
     gram_tol: float
     lambda_tol: float
     lambda_floor: float
+    #: fingerprints of the statistics it was computed from (model weights, token data), when known
+    source: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def dim(self) -> int:
@@ -254,6 +265,8 @@ class InteractionBasis:
         save_tensors(t_path, tensors, sidecar=False)
         meta: dict[str, Any] = {"format": _FORMAT, "version": _FORMAT_VERSION}
         meta.update({name: getattr(self, name) for name in _SCALAR_FIELDS})
+        meta["source"] = self.source
+        meta["sha256"] = tensors_checksum(tensors)
         write_json(json_path, meta, indent=2, nan_to_null=False)
         return t_path
 
@@ -266,16 +279,22 @@ class InteractionBasis:
         t_path, json_path = _paths(path)
         if not t_path.exists() or not json_path.exists():
             raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionBasis.save")
-        meta = read_json(json_path)
+        meta = read_json(json_path, what="InteractionBasis file")
+        if meta.get("format") == _FORMAT:
+            check_format(meta.get("version"), _FORMAT_VERSION, json_path, writer=meta.get("library_version"),
+                         what="InteractionBasis file")
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
             raise BadInputError(
                 f"{json_path} is not an InteractionBasis file of version {_FORMAT_VERSION} "
                 f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
             )
         tensors, _ = load_tensors(t_path, device=device, what="InteractionBasis tensor file")
+        if meta.get("sha256") not in (None, tensors_checksum(tensors)):
+            raise CorruptFileError(f"{t_path} does not belong to {json_path} (their checksums differ); recompute it")
         if "C_pinv" not in tensors and meta.get("kind") == "pca" and "C" in tensors:
             tensors["C_pinv"] = tensors["C"].T.clone()
-        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS})
+        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS},
+                   source=meta.get("source"))
 
 
 def interaction_basis(
@@ -350,6 +369,7 @@ def interaction_basis(
     D, Q, k1, gram_tol, _ = _gram_step(G64, mu, rtol)
     Q1, sqrt_D1 = Q[:, :k1], D[:k1].sqrt()  # D₁ > tol_G >= 0
     B = Q1 * sqrt_D1  # Q₁ D₁^{1/2}, [d, k₁]
+    _check_psd(torch.linalg.eigvalsh(M64), "M", 0.0)
     M_tilde = B.T @ M64 @ B
     Lam, P = _eigh_descending((M_tilde + M_tilde.T) / 2)
 
@@ -486,10 +506,20 @@ def interaction_bases(
         mean = stats.mean(site) if center else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bases[site] = interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling)
+            bases[site] = dataclasses.replace(
+                interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling), source=stats_source(stats))
         for w in caught:
             warnings.warn(f"{site}: {w.message}", w.category, stacklevel=2)
     return bases
+
+
+def stats_source(stats: Any) -> dict[str, Any] | None:
+    """The fingerprints a basis records of the statistics it came from: model weights and token data."""
+    meta = getattr(stats, "meta", None)
+    if not isinstance(meta, dict):
+        return None
+    draws = stats._draws() if hasattr(stats, "_draws") else []
+    return {"weights": (meta.get("model") or {}).get("weights"), "data": draws}
 
 
 def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
@@ -509,10 +539,32 @@ def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
 def _gram_step(G: Tensor, mu: Tensor, rtol: float) -> tuple[Tensor, Tensor, int, float, float]:
     """Step 1: G = Q D Qᵀ (descending), k₁ = #{D_i > tol_G}, tol_G and the noise floor of D."""
     D, Q = _eigh_descending(G)
+    _check_psd(D, "G", (mu @ mu).item())
     d_max = max(D[0].item(), 0.0) if D.numel() else 0.0
     floor = _noise_floor(D, _gram_rounding(D, mu))
     gram_tol = max(rtol * d_max, floor)
     return D, Q, int((D > gram_tol).sum().item()), gram_tol, floor
+
+
+#: relative tolerance of the PSD check: statistics summed from float32 products in float64 are PSD to about
+#: ε₃₂·√(tokens per batch) ≈ 1e-6 of their scale (their largest eigenvalue plus ‖μ‖², which centring cancels);
+#: an eigenvalue below −1e-5 of that scale is not rounding, the matrix is not a Gram matrix
+PSD_RTOL = 1e-5
+
+
+def _check_psd(evals: Tensor, name: str, mean_sq: float) -> None:
+    """Refuse a matrix that is not positive-semidefinite within rounding, naming its most negative eigenvalue."""
+    if not evals.numel():
+        return
+    lowest = evals.min().item()
+    tol = PSD_RTOL * (evals.abs().max().item() + mean_sq) + evals.numel() * _EPS64 * (evals.abs().max().item()
+                                                                                      + mean_sq)
+    if lowest < -tol:
+        raise BadInputError(
+            f"{name} is not positive-semidefinite: its most negative eigenvalue is {lowest:.4g}, beyond the "
+            f"rounding tolerance {tol:.3g}; pass a Gram matrix (1/N) Σ x xᵀ (e.g. stats.gram / stats.jacobian_gram), "
+            "not a difference or an estimate of one"
+        )
 
 
 def _gram_rounding(D: Tensor, mu: Tensor) -> float:

@@ -77,6 +77,7 @@ class _TeacherBatches:
         if self.loss == "ce":
             weight = (mask[:, 1:]).float()  # the logits at t−1 predict the counted token at t
             return _Batch(tokens, weight, None, None)
+        mask = getattr(b, "output_mask", b.mask).to(self.device)  # kl, mse: the loss lives at the output positions
         with torch.no_grad():
             logits = self.adapter.forward(tokens).float()
         if self.loss == "mse":

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from tl_degeneracy._io import write_json
 from tl_degeneracy._version import __version__
-from tl_degeneracy.errors import TLDegeneracyError
+from tl_degeneracy.errors import BadInputError, TLDegeneracyError
 from tl_degeneracy.run import report
 from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.run.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages
@@ -212,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = run.add_argument_group("stages and output")
     g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
                    help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
-    g.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
+    g.add_argument("--force", action="store_true",
+                   help="recompute stages whose outputs already exist (the old outputs stay until the new ones are "
+                        "complete); discards a partial statistics checkpoint instead of resuming it")
+    g.add_argument("--yes", action="store_true",
+                   help="run settings refused as absurdly expensive (e.g. --n-probes above 256)")
     g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
                    help="run folder (default ./tl-degeneracy-run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -334,13 +339,29 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     run_threads = args.threads if args.threads is not None else default_threads()
     record["machine"]["torch_threads"] = run_threads
     record["machine"]["threads_from"] = "--threads" if args.threads is not None else "default_threads()"
-    out.mkdir(parents=True, exist_ok=True)
+    if args.n_probes > MAX_PROBES and not args.yes:
+        raise BadInputError(
+            f"--n-probes {args.n_probes} means {args.n_probes} backward passes per batch (hours on any model); "
+            f"at most {MAX_PROBES} runs without asking: pass --yes to run it anyway"
+        )
+    folder = RunFolder(out)
+    folder.claim()  # refuses someone else's non-empty folder before anything is written in it
+    with folder.lock():
+        return _run_locked(args, config, out, stages, explicit, record)
+
+
+#: --n-probes above this is refused without --yes (each probe is one backward pass per batch)
+MAX_PROBES = 256
+
+
+def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: list[str], explicit: bool,
+                record: dict[str, Any]) -> int:
     previous = _previous_runs(out)
     write_json(RunFolder(out).run_json, {**record, "result": "running", "previous_runs": previous})
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(run_threads)
+    torch.set_num_threads(record["machine"]["torch_threads"])
     # a SIGTERM (a job scheduler's stop) ends the run like Ctrl-C: run.json records it, checkpoints stay valid
     on_main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
@@ -391,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (TLDegeneracyError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:  # a file no reader mapped
+        print(f"error: a file could not be read (corrupted or truncated?): {type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
         return 1
 
 

@@ -27,10 +27,11 @@ so (:meth:`Stage.unavailable`) instead of running.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
+import functools
+import hashlib
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -43,11 +44,11 @@ from typing import Any
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy._io import json_safe, write_json
+from tl_degeneracy._io import json_safe, read_json, verify_tensor_file, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
-from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.run.layout import RunFolder
-from tl_degeneracy.sites import site_dim
+from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
+from tl_degeneracy.run.layout import RunFolder, staged
+from tl_degeneracy.sites import check_layers, site_dim
 
 __all__ = [
     "RunConfig",
@@ -161,6 +162,30 @@ def data_identity(data: str | None) -> str:
     return str(path.resolve()) if path.exists() else data
 
 
+def content_fingerprint(identity: str) -> str | None:
+    """A hash of the bytes behind a model or data path (every file of a folder, by relative path), so a rerun
+    sees that the weights or data behind the same path changed; None for a hub name (no local files)."""
+    path = Path(identity)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in files)
+    return _hash_files(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(key: tuple[tuple[str, int, int, int], ...]) -> str:
+    """sha256 over the files' relative names and bytes (cached per process on path, size, mtime and inode)."""
+    h = hashlib.sha256()
+    root = Path(os.path.commonpath([k[0] for k in key])) if len(key) > 1 else Path(key[0][0]).parent
+    for name, *_ in key:
+        h.update(str(Path(name).relative_to(root)).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the context shared by the stages of one invocation
 # ---------------------------------------------------------------------------------------------------------
@@ -179,10 +204,20 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     _data: dict[tuple[int | None, int], tld.TokenBatches] = field(default_factory=dict, repr=False)
 
+    #: --force: recompute, and discard a partial statistics checkpoint instead of resuming it
+    force: bool = False
+    #: the stage running now (its outputs go to :attr:`target`)
+    stage: str | None = None
+
     @property
     def folder(self) -> RunFolder:
-        """Where every artifact of the run lives."""
+        """Where every artifact of the run lives (what stages read)."""
         return RunFolder(self.out)
+
+    @property
+    def target(self) -> RunFolder:
+        """Where the running stage writes: its staging folder, moved into place when it finishes."""
+        return staged(self.out, self.stage) if self.stage is not None else self.folder
 
     @cached_property
     def device(self) -> str:
@@ -193,19 +228,24 @@ class RunContext:
         name = str(tld.bundled_model_path()) if self.config.model is None else self.config.model
         self.log(f"loading model {name} on {self.device}")
         t0 = time.perf_counter()
-        model = tld.load_model(name, device=self.device)
+        try:
+            model = tld.load_model(name, device=self.device)
+        except (tld.TLDegeneracyError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # a truncated or corrupted model file: name it, no traceback
+            raise BadInputError(
+                f"cannot load the model '{name}': {type(err).__name__}: {' '.join(str(err).split())[:300]}; "
+                "check that its files are complete (re-download or re-save it)"
+            ) from err
         self.timings["load_model"] = time.perf_counter() - t0
         return model
 
     @cached_property
     def layers(self) -> list[int]:
         """The analysed layers, checked against the model."""
-        n_layers = tld.ModelAdapter(self.model).n_layers
-        layers = list(range(n_layers)) if self.config.layers is None else list(self.config.layers)
-        bad = [x for x in layers if not 0 <= x < n_layers]
-        if bad:
-            raise BadInputError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-        return layers
+        if self.config.layers is None:
+            return list(range(tld.ModelAdapter(self.model).n_layers))
+        return check_layers(self.model, self.config.layers, sort=False)
 
     def data(self, *, n_tokens: int | None, batch_size: int) -> tld.TokenBatches:
         """Token batches from ``config.data`` (built once per ``(n_tokens, batch_size)``)."""
@@ -284,15 +324,41 @@ def _marker_path(out: Path, name: str) -> Path:
     return RunFolder(out).marker(name)
 
 
-def read_marker(out: Path, name: str) -> dict[str, Any] | None:
-    """The marker of a finished stage, or None when it has not finished (or its outputs are gone)."""
+def read_marker(out: Path, name: str, *, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The marker of a finished stage, or None when it has not finished, or an output is gone or fails its
+    check (tensor files against their checksum, JSON files parse): such a stage runs again (``log`` says why)."""
     path = _marker_path(out, name)
     if not path.is_file():
         return None
-    marker = json.loads(path.read_text())
-    if not all((out / p).exists() for p in marker.get("outputs", [])):
+    try:
+        marker = read_json(path, what="stage marker")
+    except BadInputError as err:
+        if log:
+            log(f"{name}: {err}; it runs again")
         return None
+    for rel in marker.get("outputs", []):
+        p = out / rel
+        why = None if p.is_file() else f"its output '{p}' is missing"
+        if why is None and p.suffix == ".safetensors":
+            st = p.stat()
+            why = _verified(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+        elif why is None and p.suffix == ".json":
+            try:
+                read_json(p)
+            except BadInputError as err:
+                why = str(err)
+        if why is not None:
+            if log:
+                log(f"{name}: {why}; it runs again")
+            return None
     return marker
+
+
+@functools.lru_cache(maxsize=256)
+def _verified(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+    """:func:`verify_tensor_file`, once per process for a file that has not changed (a plan reads a marker's
+    outputs several times; the statistics of a large model are gigabytes)."""
+    return verify_tensor_file(path)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -321,7 +387,7 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
     if unknown:
         raise BadInputError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     out = Path(out)
-    ctx = RunContext(config, out, progress=progress, log=log)
+    ctx = RunContext(config, out, progress=progress, log=log, force=force)
     status: dict[str, dict[str, Any]] = {}
     to_run: list[Stage] = []
     for name in (s for s in STAGES if s in stages):
@@ -340,7 +406,7 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
                     f"stage '{name}' reads the outputs of stage '{dep}', which has not finished in '{out}'; "
                     f"run `tl-degeneracy run --stages {dep} --out {out}` first (same model and data options)"
                 )
-        marker = None if stage.always else read_marker(out, name)
+        marker = None if stage.always else read_marker(out, name, log=log)
         if marker is None or force:
             to_run.append(stage)
             continue
@@ -361,26 +427,61 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
     for stage in to_run:
         if stage.check is not None:
             stage.check(ctx)
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in to_run:
-        name = stage.name
-        inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
-        _marker_path(out, name).unlink(missing_ok=True)
-        log(f"{name}: running")
-        t0 = time.perf_counter()
-        outputs, summary = stage.run(ctx)
-        seconds = time.perf_counter() - t0
-        if not stage.always:
-            write_json(_marker_path(out, name), {
-                "stage": name, "id": uuid.uuid4().hex, "settings": stage.settings(config), "inputs": inputs,
-                "outputs": outputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "summary": summary,
-            })
-        log(f"{name}: done in {seconds:.1f} s")
-        status[name] = {"status": "ran", "seconds": seconds}
+    if to_run:
+        log("plan: " + "; ".join(f"{s.name}: {_cost(s.name, config)}" for s in to_run))
+    folder = RunFolder(out)
+    folder.claim()
+    with folder.lock():
+        for stage in to_run:
+            status[stage.name] = _run_one(stage, ctx)
     if "load_model" in ctx.timings:
         status["_load_model"] = {"status": "ran", "seconds": ctx.timings["load_model"]}
     return status
+
+
+def _cost(name: str, c: RunConfig) -> str:
+    """What a stage costs, in model passes (the cost model of ECOSYSTEM.md): said before it runs."""
+    if name == "stats":
+        batches = math.ceil(c.n_tokens / max(c.seq_len - 1, 1) / c.batch_size)
+        bwd = c.n_probes if c.jacobian else 0
+        return (f"~{batches} batches of {c.batch_size}×{c.seq_len} tokens, 1 forward and {bwd} backward(s) each "
+                f"({batches * (1 + bwd)} passes)")
+    if name == "llc":
+        return (f"{c.llc_chains} chains × {c.llc_steps} steps per selection, 1 forward and 1 backward each, "
+                "plus the nβ sweep")
+    return "from saved files, no model passes"
+
+
+def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
+    """Run one stage into its staging folder, then move its outputs into place and write its marker last.
+    A failure or interrupt leaves the previous outputs and marker as they were."""
+    out, name, folder = ctx.out, stage.name, ctx.folder
+    inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
+    folder.discard(name)
+    log = ctx.log
+    log(f"{name}: running")
+    t0 = time.perf_counter()
+    ctx.stage = None if stage.always else name
+    try:
+        outputs, summary = stage.run(ctx)
+    except BaseException:
+        folder.discard(name)
+        raise
+    finally:
+        ctx.stage = None
+    seconds = time.perf_counter() - t0
+    if not stage.always:
+        marker = _marker_path(out, name)
+        marker.unlink(missing_ok=True)  # the outputs change now: no marker until they all are in place
+        folder.commit(name, outputs)
+        write_json(marker, {
+            "stage": name, "id": uuid.uuid4().hex, "settings": stage.settings(ctx.config), "inputs": inputs,
+            "outputs": outputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": summary,
+        })
+        folder.record(f"{name}.marker", [folder.relative(marker)])
+    log(f"{name}: done in {seconds:.1f} s")
+    return {"status": "ran", "seconds": seconds}
 
 
 @contextlib.contextmanager
@@ -399,10 +500,17 @@ def _forward_warnings(log: Callable[[str], None]) -> Iterator[None]:
 # the stages
 # ---------------------------------------------------------------------------------------------------------
 def _stats_settings(c: RunConfig) -> dict[str, Any]:
-    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
-            "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes, "precision": c.precision,
-            "n_tokens": c.n_tokens,
+    return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
+            "layers": c.layers, "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes,
+            "precision": c.precision, "n_tokens": c.n_tokens,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "sync": c.sync, "seed": c.seed}
+
+
+def _fingerprints(c: RunConfig) -> dict[str, str | None]:
+    """Hashes of the files behind the model and data paths: a changed file at the same path is a changed
+    setting (refused without --force, recomputed with it)."""
+    return {"model_fingerprint": content_fingerprint(model_identity(c.model)),
+            "data_fingerprint": content_fingerprint(data_identity(c.data))}
 
 
 def _check_stats(ctx: RunContext) -> None:
@@ -422,18 +530,28 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     partial = ctx.folder.stats_partial
     ctx.log(footprint_estimate(model, sites, data, jacobian=c.jacobian is not None, sync=sync,
                                layers=ctx.layers, precision=c.precision))
-    if partial.exists():
+    if partial.exists() and ctx.force:
+        ctx.log(f"stats: --force: discarding the partial checkpoint {partial} and starting afresh")
+        _drop_partial(partial)
+    elif partial.exists():
         ctx.log(f"stats: resuming the interrupted pass from {partial}")
-    with _forward_warnings(ctx.log):
-        stats = tld.collect(
-            model, data, sites=sites, jacobian=c.jacobian, n_probes=c.n_probes, precision=c.precision, seed=c.seed,
-            head_sync=sync, neuron_sync=sync and adapter.d_mlp is not None, sync_layers=ctx.layers,
-            checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
-            progress=ctx.progress,
-        )
-    stats.save(ctx.folder.stats)
-    partial.unlink(missing_ok=True)
-    partial.with_suffix(".json").unlink(missing_ok=True)
+    try:
+        with _forward_warnings(ctx.log):
+            stats = tld.collect(
+                model, data, sites=sites, jacobian=c.jacobian, n_probes=c.n_probes, precision=c.precision,
+                seed=c.seed, head_sync=sync, neuron_sync=sync and adapter.d_mlp is not None, sync_layers=ctx.layers,
+                checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
+                progress=ctx.progress,
+            )
+    except (IncompatibleStatsError, tld.CorruptFileError) as err:
+        if not partial.exists():
+            raise
+        raise BadInputError(
+            f"the partial checkpoint of an interrupted stats pass cannot be continued with these settings "
+            f"({' '.join(str(err).split(';')[0].split())}); pass --force to discard it and start afresh"
+        ) from None
+    stats.save(ctx.target.stats)
+    _drop_partial(partial)
     return ["stats.safetensors", "stats.json"], {"n_tokens": stats.n_tokens, "sites": stats.sites,
                                                   "collect_seconds": stats.meta.get("seconds")}
 
@@ -468,6 +586,11 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _drop_partial(partial: Path) -> None:
+    for p in (partial, partial.with_suffix(".json"), *partial.parent.glob(f"{partial.stem}.pass*")):
+        p.unlink(missing_ok=True)
+
+
 def _basis_settings(c: RunConfig) -> dict[str, Any]:
     return {"rtol": c.rtol, "atol": c.atol, "center": True, "scaling": "sqrt_lambda"}
 
@@ -480,10 +603,6 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             f"'{ctx.folder.stats}' holds no Jacobian statistics (collected with --jacobian none); "
             "the interaction basis needs them: re-run the stats stage with --jacobian kl --force"
         )
-    folder = ctx.folder.bases
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*"):
-        old.unlink()
     bases, pcas = {}, {}
     sites = list(stats.sites)
     with _forward_warnings(ctx.log):
@@ -491,14 +610,15 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             t0 = time.perf_counter()
             bases.update(tld.interaction_bases(stats, sites=[site], center=True, rtol=c.rtol, atol=c.atol,
                                                scaling="sqrt_lambda"))
-            pcas[site] = tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol)
+            pcas[site] = dataclasses.replace(
+                tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol), source=bases[site].source)
             ctx.log(f"basis: site {i + 1}/{len(sites)} {site}: d={bases[site].input_dim}, "
                     f"dim={bases[site].dim}, {time.perf_counter() - t0:.1f} s")
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):
-            path = basis.save(ctx.folder.basis(site, kind))
-            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+            path = basis.save(ctx.target.basis(site, kind))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
         summary[site] = {"d": ib.input_dim, "rank_G": ib.rank_G, "dim": ib.dim, "pca_dim": pcas[site].dim}
     return outputs, summary
 
@@ -515,10 +635,6 @@ def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             f"'{ctx.folder.stats}' holds no synchronisation sums; "
             "re-run the stats stage with --sync --force"
         )
-    folder = ctx.folder.sync
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*"):
-        old.unlink()
     summary: dict[str, Any] = {"measure": c.sync_measure, "tau_heads": c.tau_heads,
                                "tau_neurons": c.tau_neurons, "layers": {}}
     outputs = []
@@ -526,15 +642,15 @@ def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     for kind, unit, analyse, tau in parts:
         for layer in stats.sync_layers(unit):
             result = analyse(stats, layer)
-            path = result.save(ctx.folder.sync_result(kind, layer))
-            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+            path = result.save(ctx.target.sync_result(kind, layer))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
             summary["layers"].setdefault(str(layer), {})[kind] = {
                 "n_units": result.n_units,
                 "dof": result.dof(tau, measure=c.sync_measure).to_dict(),
                 "sweep": result.sweep(measure=c.sync_measure, dof=False).to_dict(),
             }
-    write_json(ctx.folder.sync_summary, summary)
-    outputs.append(ctx.folder.relative(ctx.folder.sync_summary))
+    write_json(ctx.target.sync_summary, summary)
+    outputs.append(ctx.target.relative(ctx.target.sync_summary))
     brief = {layer: {k: len(v["dof"]["blocks"]) for k, v in parts_.items()}
              for layer, parts_ in summary["layers"].items()}
     return outputs, {"blocks": brief}
@@ -551,8 +667,8 @@ def llc_selections(params: Sequence[str], layers: Sequence[int]) -> list[str]:
 
 
 def _llc_settings(c: RunConfig) -> dict[str, Any]:
-    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
-            "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
+    return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
+            "layers": c.layers, "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
             "step_size": c.llc_step_size, "localization": c.llc_localization, "chains": c.llc_chains,
             "steps": c.llc_steps, "burnin": c.llc_burnin, "n_tokens": c.llc_n_tokens,
             "batch_size": c.llc_batch_size, "seq_len": c.seq_len, "seed": c.seed}
@@ -569,9 +685,6 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    folder = ctx.folder.llc
-    if folder.exists():
-        shutil.rmtree(folder)
     options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
                                "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
@@ -581,19 +694,19 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
             results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
                                             **options)
-            results[sel].save(ctx.folder.llc_result(sel))
+            results[sel].save(ctx.target.llc_result(sel))
         # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
         # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
         nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
         ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
         sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
                                     scale_step_size=True, params="all", **options)
-    sweep.save(ctx.folder.llc_scale)
-    write_json(ctx.folder.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
+    sweep.save(ctx.target.llc_scale)
+    write_json(ctx.target.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
                                          "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
-    outputs = [ctx.folder.relative(ctx.folder.llc_result(sel) / f"llc.{ext}") for sel in results
+    outputs = [ctx.target.relative(ctx.target.llc_result(sel) / f"llc.{ext}") for sel in results
                for ext in ("json", "safetensors")]
-    outputs += [ctx.folder.relative(ctx.folder.llc_scale / "sweep.json"), ctx.folder.relative(ctx.folder.llc_summary)]
+    outputs += [ctx.target.relative(ctx.target.llc_scale / "sweep.json"), ctx.target.relative(ctx.target.llc_summary)]
     brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
     brief["scale"] = sweep.rows()
     return outputs, brief

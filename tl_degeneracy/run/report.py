@@ -654,8 +654,10 @@ def write_report(folder: str | os.PathLike) -> Path:
         )
     run = RunFolder(res.folder)
     root = run.root
-    for old in run.plots.glob("*.png"):
-        old.unlink()
+    for rel in run.manifest().get("report", []):  # only the plots a report wrote; never a user's files
+        if rel.startswith("plots/"):
+            (root / rel).unlink(missing_ok=True)
+    foreign = {p: p.stat().st_mtime_ns for p in run.plots.glob("*.png")}  # a user's (or older) pictures
     rows = summary_rows(res)
     write_summary(rows, root)
     whole = res.llc.get("all")
@@ -754,7 +756,11 @@ def write_report(folder: str | os.PathLike) -> Path:
              "LLC columns belong to the site's layer and repeat; the LLC is that of the layer's parameters "
              f"(`blocks.l`) with its loss scale ε̂.{sync_note} Also in [summary.csv](summary.csv).\n\n"
              f"{summary_markdown(rows)}\n{body}{note}")
-    return atomic_write(run.index, lambda tmp: Path(tmp).write_text(index))
+    path = atomic_write(run.index, lambda tmp: Path(tmp).write_text(index))
+    if run.manifest_path.is_file():
+        plots = sorted(p for p in run.plots.glob("*.png") if foreign.get(p) != p.stat().st_mtime_ns)
+        run.record("report", [run.relative(p) for p in (run.summary_csv, run.summary_md, run.index, *plots)])
+    return path
 
 
 def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
