@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tl_degeneracy as tld
-from tl_degeneracy._io import save_tensors
+from tl_degeneracy._io import save_tensors, tensors_checksum
 from tl_degeneracy.run.cli import default_threads, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,8 +117,12 @@ def test_old_pca_files_with_c_pinv_still_load(tmp_path):
     G, _ = _basis()
     pb = tld.pca_basis(G)
     path = pb.save(tmp_path / "pca")
-    tensors = load_file(str(path))
-    save_tensors(path, {**tensors, "C_pinv": pb.C_pinv}, sidecar=False)  # the earlier layout
+    tensors = {**load_file(str(path)), "C_pinv": pb.C_pinv}
+    save_tensors(path, tensors, sidecar=False)  # the earlier layout: C_pinv stored, and in the checksum
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = tensors_checksum(tensors)
+    meta_path.write_text(json.dumps(meta))
     assert torch.equal(tld.InteractionBasis.load(path).C_pinv, pb.C_pinv)
 
 
