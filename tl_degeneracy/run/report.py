@@ -439,7 +439,11 @@ def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, Interacti
         ax.set_ylabel("dimension")
         ax.set_ylim(0, ib[0].input_dim * 1.12)
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every panel's entries once (d_model shows only where d ≠ d_model)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
     return fig
 
