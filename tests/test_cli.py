@@ -309,7 +309,7 @@ def test_interrupted_statistics_resume_from_the_checkpoint(tiny_args, full_run, 
 # ---------------------------------------------------------------------------------------------------------
 def test_default_run_uses_the_bundled_model_and_data(tmp_path):
     if not (tld.data.DATA_DIR / "stdlib-gpt2" / "config.json").is_file():
-        pytest.skip("the bundled model data/stdlib-gpt2 is not in this checkout")
+        pytest.skip("the bundled model tl_degeneracy/bundled/stdlib-gpt2 is not in this checkout")
     out = tmp_path / "bundled"
     code = main(["run", "--layers", "0", "--n-tokens", "256", "--n-probes", "1", "--no-llc", "--no-progress",
                  "--device", "cpu", "--threads", "1", "--out", str(out)])

@@ -20,6 +20,7 @@ from typing import Any
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, ModelShape, load_model, parameter_masks, parameter_selections
 from tl_degeneracy.analysis import (
+    DimCurve,
     HeadSync,
     InteractionBasis,
     NeuronSync,
@@ -76,6 +77,7 @@ __all__ = [
     "SITE_KINDS",
     "AblationCurve",
     "BadInputError",
+    "DimCurve",
     "HeadSync",
     "IncompatibleStatsError",
     "CorruptFileError",

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,9 +31,16 @@ from tl_degeneracy.errors import BadInputError
 #: fewer counted tokens than this fraction of the ``n_tokens`` asked for is refused by :func:`load_data`
 MIN_TOKEN_FRACTION = 0.1
 
-#: folder of the data shipped with the project (the bundled model and token files); the repository's
-#: ``data/`` (a source checkout or an editable install), or ``$TL_DEGENERACY_DATA`` when set
-DATA_DIR = Path(os.environ.get("TL_DEGENERACY_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+def _package_data_dir() -> Path:
+    """The package's own ``tl_degeneracy/bundled/`` folder, found through :mod:`importlib.resources`."""
+    folder = importlib.resources.files("tl_degeneracy").joinpath("bundled")
+    return Path(str(folder))
+
+
+#: folder of the data shipped with the package (the bundled model and token files): the package data
+#: ``tl_degeneracy/bundled/`` (in a wheel as in a source checkout), or ``$TL_DEGENERACY_DATA`` when set
+DATA_DIR = Path(os.environ["TL_DEGENERACY_DATA"]) if os.environ.get("TL_DEGENERACY_DATA") else _package_data_dir()
 
 
 @dataclass(frozen=True)
@@ -131,21 +139,28 @@ class TokenBatches:
 
 
 def bundled_model_path() -> Path:
-    """Folder of the small GPT-2 trained on the Python standard library that ships in ``data/``.
+    """Folder of the small GPT-2 trained on the Python standard library that ships with the package.
+
+    It is package data (``tl_degeneracy/bundled/stdlib-gpt2``), so a plain ``pip install`` of the wheel has it;
+    ``$TL_DEGENERACY_DATA`` points elsewhere (a folder holding ``stdlib-gpt2/`` and the token files).
 
     Load it offline with ``tld.load_model(tld.bundled_model_path())``.
     """
     path = DATA_DIR / "stdlib-gpt2"
     if not (path / "config.json").exists():
         raise BadInputError(
-            f"the bundled model is not at '{path}': use a source checkout of tl_degeneracy (pip install -e .) "
-            "or set TL_DEGENERACY_DATA to the folder holding stdlib-gpt2/"
+            f"the bundled model is not at '{path}': reinstall tl-degeneracy (its wheel carries the model) "
+            "or set TL_DEGENERACY_DATA to a folder holding stdlib-gpt2/"
         )
     return path
 
 
 def bundled_data_path(name: str = "stdlib-heldout") -> Path:
-    """Path of a token file shipped in ``data/`` (``name`` without the ``.safetensors`` suffix)."""
+    """Path of a token file shipped with the package (``name`` without the ``.safetensors`` suffix).
+
+    Example: ``tld.bundled_data_path()`` is the held-out stream ``stdlib-heldout.safetensors``;
+    ``tld.bundled_data_path("stdlib-train-sample")`` the first tokens of the training stream.
+    """
     return DATA_DIR / f"{name}.safetensors"
 
 

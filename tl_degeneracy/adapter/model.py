@@ -7,7 +7,7 @@ module talks to a model through :class:`ModelAdapter` and never imports a versio
 
 Example::
 
-    model = tld.load_model("data/stdlib-gpt2")          # a local save_pretrained folder, offline
+    model = tld.load_model(tld.bundled_model_path())      # a local save_pretrained folder, offline
     adapter = tld.ModelAdapter(model)
     adapter.has_hook("blocks.0.hook_resid_pre")          # True on both majors
 """

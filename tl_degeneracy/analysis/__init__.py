@@ -7,10 +7,11 @@
 """
 
 from tl_degeneracy.analysis.ablation import directions_needed, keep_schedule, predicted_kl, projector
-from tl_degeneracy.analysis.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
+from tl_degeneracy.analysis.basis import DimCurve, InteractionBasis, interaction_bases, interaction_basis, pca_basis
 from tl_degeneracy.analysis.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync
 
 __all__ = [
+    "DimCurve",
     "HeadSync",
     "InteractionBasis",
     "directions_needed",

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -51,7 +51,7 @@ from tl_degeneracy._io import (
 from tl_degeneracy.analysis.ablation import predicted_kl, projection_hook
 from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
-__all__ = ["InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
+__all__ = ["DimCurve", "InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
 
 Scaling = Literal["sqrt_lambda", "inv_sqrt_lambda", "whitened"]
 _SCALINGS = ("sqrt_lambda", "inv_sqrt_lambda", "whitened")
@@ -64,6 +64,52 @@ _EPS64 = torch.finfo(torch.float64).eps
 _FORMAT = "tl_degeneracy.InteractionBasis"
 _FORMAT_VERSION = 1
 _TENSOR_FIELDS = ("C", "C_pinv", "lambdas", "all_lambdas", "gram_eigenvalues", "mean")
+
+
+class DimCurve(NamedTuple):
+    """Kept dimension against the noise scale ε (what :meth:`InteractionBasis.dim_curve` returns).
+
+    A named tuple, so ``eps, dims = ib.dim_curve()`` and ``ib.dim_curve()[1]`` work as for a plain pair.
+
+    Attributes:
+        eps: ``[n]`` float64 tolerances ε (ascending on the default grid).
+        dims: ``[n]`` int64, ``dims[i]`` = number of Λ above ``max(eps[i], lambda_floor)``.
+
+    Example::
+
+        >>> ib = interaction_basis(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)),
+        ...                        torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64)))   # Λ = 9, 4
+        >>> curve = ib.dim_curve(torch.tensor([0.0, 5.0]))
+        >>> curve
+        DimCurve(2 points: eps 0 → 5, dim 2 → 1)
+        >>> curve.to_dataframe().columns.tolist()
+        ['eps', 'dim']
+    """
+
+    eps: Float[Tensor, " n"]
+    dims: Tensor
+
+    def __repr__(self) -> str:
+        n = int(self.eps.numel())
+        if n == 0:
+            return "DimCurve(0 points)"
+        return (
+            f"DimCurve({n} points: eps {self.eps[0].item():.3g} → {self.eps[-1].item():.3g}, "
+            f"dim {int(self.dims[0])} → {int(self.dims[-1])})"
+        )
+
+    def to_dataframe(self) -> Any:
+        """A ``pandas.DataFrame`` with columns ``eps`` and ``dim`` (needs pandas: ``pip install pandas``)."""
+        pd = _pandas()
+        return pd.DataFrame({"eps": self.eps.tolist(), "dim": [int(x) for x in self.dims.tolist()]})
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as err:
+        raise ImportError("to_dataframe() needs pandas, which is not installed: pip install pandas") from err
+    return pandas
 _SCALAR_FIELDS = ("kind", "scaling", "rank_G", "rtol", "atol", "gram_tol", "lambda_tol", "lambda_floor")
 
 
@@ -201,10 +247,11 @@ class InteractionBasis:
 
     def dim_curve(
         self, eps_grid: Float[Tensor, " n"] | None = None, *, n_points: int = 64
-    ) -> tuple[Float[Tensor, " n"], Tensor]:
+    ) -> DimCurve:
         """Kept dimension as a function of the absolute tolerance ε (the paper's noise scale, §2.2.2).
 
-        Returns ``(eps, dims)``: ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
+        Returns a :class:`DimCurve` ``(eps, dims)`` (a named tuple: unpack it as a pair):
+        ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
         ``n_points`` log-spaced values ascending from the float64 noise floor (``lambda_floor``, at least
         ``ε₆₄·λ_max``) to the largest eigenvalue ``λ_max`` (where the dimension is 0); it is empty when
         no eigenvalue is positive.
@@ -224,7 +271,22 @@ class InteractionBasis:
         eps_grid = torch.as_tensor(eps_grid, dtype=torch.float64).reshape(-1).cpu()
         thresholds = eps_grid.clamp(min=self.lambda_floor)
         dims = (spectrum.cpu()[None, :] > thresholds[:, None]).sum(dim=1)
-        return eps_grid, dims
+        return DimCurve(eps_grid, dims)
+
+    def to_dataframe(self) -> Any:
+        """The spectrum as a ``pandas.DataFrame``: one row per eigenvalue of ``all_lambdas`` (descending).
+
+        Columns: ``index``, ``lambda``, ``kept`` (counted in ``dim``), ``above_floor`` (above the float64
+        noise floor ``lambda_floor``; values below it are rounding, not data). Needs pandas.
+        """
+        pd = _pandas()
+        lam = self.all_lambdas.to(torch.float64).cpu()
+        return pd.DataFrame({
+            "index": list(range(lam.numel())),
+            "lambda": lam.tolist(),
+            "kept": [i < self.dim for i in range(lam.numel())],
+            "above_floor": (lam > self.lambda_floor).tolist(),
+        })
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (the tensors) and ``<path>.json`` (everything else); no pickle.
@@ -232,17 +294,23 @@ class InteractionBasis:
         ``path`` may end in ``.safetensors`` or have no such suffix. Returns the tensor file's path.
         """
         t_path, json_path = _paths(path)
-        save_tensors(t_path, {name: getattr(self, name) for name in _TENSOR_FIELDS}, sidecar=False)
+        # a PCA basis is orthonormal (C⁺ = Cᵀ): its C_pinv is not stored, and load() rebuilds it
+        skip = {"C_pinv"} if self.kind == "pca" else set()
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS if name not in skip}
+        save_tensors(t_path, tensors, sidecar=False)
         meta: dict[str, Any] = {"format": _FORMAT, "version": _FORMAT_VERSION}
         meta.update({name: getattr(self, name) for name in _SCALAR_FIELDS})
         meta["source"] = self.source
-        meta["sha256"] = tensors_checksum({name: getattr(self, name) for name in _TENSOR_FIELDS})
+        meta["sha256"] = tensors_checksum(tensors)
         write_json(json_path, meta, indent=2, nan_to_null=False)
         return t_path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> InteractionBasis:
-        """Read a basis written by :meth:`save` (bit for bit)."""
+        """Read a basis written by :meth:`save` (bit for bit; a PCA basis's ``C_pinv`` is rebuilt as ``Cᵀ``).
+
+        Files that hold ``C_pinv`` for a PCA basis (written before it was left out) load as before.
+        """
         t_path, json_path = _paths(path)
         if not t_path.exists() or not json_path.exists():
             raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionBasis.save")
@@ -258,6 +326,8 @@ class InteractionBasis:
         tensors, _ = load_tensors(t_path, device=device, what="InteractionBasis tensor file")
         if meta.get("sha256") not in (None, tensors_checksum(tensors)):
             raise CorruptFileError(f"{t_path} does not belong to {json_path} (their checksums differ); recompute it")
+        if "C_pinv" not in tensors and meta.get("kind") == "pca" and "C" in tensors:
+            tensors["C_pinv"] = tensors["C"].T.clone()
         return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS},
                    source=meta.get("source"))
 

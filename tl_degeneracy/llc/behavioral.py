@@ -196,9 +196,10 @@ def estimate_llc(
             W_Q, W_K, W_V, W_O, b_Q, b_K, b_V), any other name of
             :func:`tl_degeneracy.model.parameter_selections`, a list of these, or a dict of masks keyed
             like :class:`tl_degeneracy.model.FunctionalModel` ``.parameters``.
-        nbeta, step_size, localization, n_steps, n_burnin, n_chains, seed, first_chain, sampler, rmsprop_alpha,
-        rmsprop_eps, on_divergence, divergence_threshold, vectorize, mala_every, progress: as in
+        nbeta, step_size, localization, n_steps, n_burnin, n_chains, seed, first_chain, sampler: as in
             :func:`~tl_degeneracy.sgld_llc` (``n_steps`` counts the burn-in).
+        rmsprop_alpha, rmsprop_eps, on_divergence, divergence_threshold, vectorize, mala_every, progress: as
+            in :func:`~tl_degeneracy.sgld_llc`.
         cache_teacher: keep θ*'s output distributions of every batch in memory (``"auto"``: when they
             take at most 1 GiB), or recompute them each step with one forward pass without gradient.
 

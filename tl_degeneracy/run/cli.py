@@ -175,7 +175,8 @@ def _add_run_arguments(run: argparse.ArgumentParser, d: RunConfig) -> None:
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="S",
                    help="seed of probes and SGLD noise (default 0)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy shared machine")
+                   help="CPU threads for torch (default: the physical cores this process may use, or "
+                        "$OMP_NUM_THREADS); 1 is fastest on a busy shared machine")
 
     g = run.add_argument_group("statistics, bases and synchronisation")
     g.add_argument("--jacobian", choices=("kl", "mse", "none"), default=d.jacobian,
@@ -282,9 +283,40 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (``os.sched_getaffinity``; every CPU where that is unavailable)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """Default torch thread count: the physical cores among the CPUs this process may use, at least 1.
+
+    Hyper-threads of one core count once (Linux ``/sys/.../topology``; where that is unreadable every usable
+    CPU counts), so the default is never more than the cores the process may use (a job scheduler's CPU set,
+    ``taskset``). ``$OMP_NUM_THREADS``, when set, wins, as ``--threads`` does.
+
+    Example: on an 8-core/16-thread laptop ``default_threads()`` is 8; under ``taskset -c 0,1`` it is 1 or 2.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = set()
+    for cpu in usable_cpus():
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
                             "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+                            "usable_cpus": len(usable_cpus()),
                             "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -349,6 +381,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "distributed": {"world_size": 1, "backend": None} if dctx is None else dctx.to_json(),
     }
+    run_threads = args.threads if args.threads is not None else default_threads()
+    record["machine"]["torch_threads"] = run_threads
+    record["machine"]["threads_from"] = "--threads" if args.threads is not None else "default_threads()"
     if args.n_probes > MAX_PROBES and not args.yes:
         raise BadInputError(
             f"--n-probes {args.n_probes} means {args.n_probes} backward passes per batch (hours on any model); "
@@ -371,9 +406,7 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: 
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        record["machine"]["torch_threads"] = args.threads
+    torch.set_num_threads(record["machine"]["torch_threads"])
     # a SIGTERM (a job scheduler's stop) ends the run like Ctrl-C: run.json records it, checkpoints stay valid
     on_main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None

@@ -51,7 +51,7 @@ from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_f
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 from tl_degeneracy.run.layout import RunFolder, staged
-from tl_degeneracy.sites import check_layers
+from tl_degeneracy.sites import check_layers, site_dim
 
 __all__ = [
     "RunConfig",
@@ -546,6 +546,8 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     adapter = tld.ModelAdapter(model)
     sync = c.sync
     partial = ctx.folder.stats_partial
+    ctx.log(footprint_estimate(model, sites, data, jacobian=c.jacobian is not None, sync=sync,
+                               layers=ctx.layers, precision=c.precision))
     if partial.exists() and ctx.force:
         ctx.log(f"stats: --force: discarding the partial checkpoint {partial} and starting afresh")
         _drop_partial(partial)
@@ -572,6 +574,36 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
                                                   "collect_seconds": stats.meta.get("seconds")}
 
 
+def footprint_estimate(model: Any, sites: Sequence[str], data: tld.TokenBatches, *, jacobian: bool, sync: bool,
+                       layers: Sequence[int], precision: str = "accurate") -> str:
+    """One line, printed before the statistics pass: the disk a run will write and its memory peak.
+
+    Disk: the float64 statistics (their accumulators, :func:`tl_degeneracy.plan_memory`) and at most
+    ``3·8·d²`` bytes per site for the bases (interaction C and C⁺ of at most d rows, PCA C). Memory: the plan's
+    estimated peak. Example: ``stats: estimated disk ≤ 12.0 MiB (statistics 4.1 MiB, bases ≤ 7.9 MiB); ...``.
+    """
+    adapter = tld.ModelAdapter(model)
+    sync_layers = list(layers) if sync else []
+    plan = tld.plan_memory(model, list(sites), batch_size=data.batch_size, seq_len=data.seq_len, jacobian=jacobian,
+                           head_sync_layers=sync_layers,
+                           neuron_sync_layers=sync_layers if adapter.d_mlp is not None else [],
+                           precision=precision)
+    widths = [site_dim(model, s) for s in sites]
+    bases = 3 * 8 * sum(d * d for d in widths) if jacobian else 0
+    disk = plan.accumulator_bytes + bases
+    return (f"stats: estimated disk ≤ {_size(disk)} (statistics {_size(plan.accumulator_bytes)}, "
+            f"bases ≤ {_size(bases)}); estimated memory peak {_size(plan.peak_bytes())}; "
+            f"{data.n_counted} counted tokens in {len(data)} batches")
+
+
+def _size(n: float) -> str:
+    """Bytes for people, rounded up: ``_size(3.2e9) == '3.0 GiB'``, ``_size(5e6) == '4.8 MiB'``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale or unit == "MiB":
+            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def _drop_partial(partial: Path) -> None:
     for p in (partial, partial.with_suffix(".json"), *partial.parent.glob(f"{partial.stem}.pass*")):
         p.unlink(missing_ok=True)
@@ -589,10 +621,17 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             f"'{ctx.folder.stats}' holds no Jacobian statistics (collected with --jacobian none); "
             "the interaction basis needs them: re-run the stats stage with --jacobian kl --force"
         )
+    bases, pcas = {}, {}
+    sites = list(stats.sites)
     with _forward_warnings(ctx.log):
-        bases = tld.interaction_bases(stats, center=True, rtol=c.rtol, atol=c.atol, scaling="sqrt_lambda")
-        pcas = {site: dataclasses.replace(tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol),
-                                          source=bases[site].source) for site in bases}
+        for i, site in enumerate(sites):  # one site at a time, with a progress line each (large models: minutes)
+            t0 = time.perf_counter()
+            bases.update(tld.interaction_bases(stats, sites=[site], center=True, rtol=c.rtol, atol=c.atol,
+                                               scaling="sqrt_lambda"))
+            pcas[site] = dataclasses.replace(
+                tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol), source=bases[site].source)
+            ctx.log(f"basis: site {i + 1}/{len(sites)} {site}: d={bases[site].input_dim}, "
+                    f"dim={bases[site].dim}, {time.perf_counter() - t0:.1f} s")
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):

@@ -56,6 +56,8 @@ from tl_degeneracy.sites import SITE_KINDS, site_kind, site_layer
 __all__ = [
     "RunResults",
     "SUMMARY_COLUMNS",
+    "architectural_ceiling",
+    "token_ceiling",
     "load_results",
     "plot_ablation_curves",
     "plot_dim_curves",
@@ -77,7 +79,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "site": "site",
     "d": "d",
     "rank_G": "rank G",
+    "G_ceiling": "rank G ≤ (tokens)",
     "ib_dim": "IB dim",
+    "M_ceiling": "IB dim ≤ (architecture)",
     "pca_dim": "PCA dim",
     "top_lambda": "top Λ",
     "ib_needed": "directions needed (interaction)",
@@ -146,6 +150,20 @@ class RunResults:
     def empty(self) -> bool:
         return not (self.bases or self.pca or self.sync or self.llc or self.llc_scale or self.stats_meta)
 
+    def to_dataframe(self) -> Any:
+        """The summary table (:func:`summary_rows`, columns :data:`SUMMARY_COLUMNS`) as a ``pandas.DataFrame``.
+
+        Needs pandas (``pip install pandas``). Example::
+
+            df = tld.report.load_results("runs/demo").to_dataframe()
+            df[["site", "rank_G", "G_ceiling", "ib_dim", "M_ceiling", "pca_dim"]]
+        """
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("to_dataframe() needs pandas, which is not installed: pip install pandas") from err
+        return pd.DataFrame(summary_rows(self), columns=list(SUMMARY_COLUMNS))
+
 
 def sort_sites(names: Sequence[str] | set[str]) -> list[str]:
     """Sites by layer (sites outside the blocks last), then by SPEC site kind."""
@@ -193,6 +211,37 @@ def load_results(folder: str | os.PathLike) -> RunResults:
 # ---------------------------------------------------------------------------------------------------------
 # the summary table
 # ---------------------------------------------------------------------------------------------------------
+#: site kinds whose activation reaches the output only through a fixed linear map into the residual stream (or
+#: are the residual stream): the rank of their Jacobian Gram M is at most d_model
+_THROUGH_RESIDUAL = ("resid_pre", "resid_mid", "resid_post", "mlp_post", "attn_z", "ln_final")
+
+
+def architectural_ceiling(site: str, d: int, d_model: int | None) -> int:
+    """Upper bound on the rank of M, hence on the interaction-basis dimension, set by the architecture.
+
+    The output depends on a site only through the narrowest layer after it: ``mlp_post`` and ``attn_z`` feed
+    the residual stream through a fixed matrix (W_out, W_O), so rank M ≤ d_model even when d = d_mlp; residual
+    sites have d = d_model. ``mlp_pre`` passes an elementwise nonlinearity whose slope differs per token first,
+    so only d bounds it. A dimension at this ceiling says little about degeneracy.
+
+    Example: ``architectural_ceiling("blocks.0.mlp.hook_post", 512, 128) == 128``.
+    """
+    kind = site_kind(site)
+    if d_model is None or kind not in _THROUGH_RESIDUAL:
+        return d
+    return min(d, d_model)
+
+
+def token_ceiling(d: int, n_tokens: int | None, *, centered: bool = True) -> int:
+    """Upper bound on the rank of G from the number of counted tokens: a centred Gram of N tokens has rank ≤ N − 1.
+
+    Example: ``token_ceiling(3072, 2048) == 2047`` (too few tokens to see all 3072 directions).
+    """
+    if n_tokens is None:
+        return d
+    return max(0, min(d, n_tokens - (1 if centered else 0)))
+
+
 def summary_rows(results: RunResults) -> list[dict[str, Any]]:
     """One row per site (see :data:`SUMMARY_COLUMNS`); a value is ``None`` when its stage has not run.
 
@@ -200,6 +249,8 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
     ``blocks.{l}``) repeat on every site of the layer.
     """
     rows = []
+    d_model = (results.stats_meta or {}).get("model", {}).get("d_model")
+    n_tokens = (results.stats_meta or {}).get("n_tokens")
     layer_sync = (results.sync or {}).get("layers", {})
     for site in results.sites:
         layer = site_layer(site)
@@ -211,12 +262,15 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
         tol = results.ablation_tolerance
         needed = {kind: directions_needed(curves[kind], tol) if kind in curves and tol is not None else None
                   for kind in ("interaction", "pca")}
+        d = ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None)
         rows.append({
             "layer": "final" if layer is None else layer,
             "site": site,
-            "d": ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None),
+            "d": d,
             "rank_G": ib.rank_G if ib is not None else (pca.rank_G if pca is not None else None),
+            "G_ceiling": token_ceiling(d, n_tokens) if d is not None else None,
             "ib_dim": ib.dim if ib is not None else None,
+            "M_ceiling": architectural_ceiling(site, d, d_model) if d is not None else None,
             "pca_dim": pca.dim if pca is not None else None,
             "top_lambda": float(ib.all_lambdas[0]) if ib is not None and ib.all_lambdas.numel() else None,
             "ib_needed": needed["interaction"],
@@ -242,12 +296,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: marks a value at its ceiling in the Markdown table (the rank of G at the token limit, the interaction-basis
+#: dimension at the architectural limit): such a number is set by the set-up, not by the model's degeneracy
+CEILING_MARK = " ▲"
+
+_CEILING_OF = {"rank_G": "G_ceiling", "ib_dim": "M_ceiling"}
+
+
+def _at_ceiling_mark(row: Mapping[str, Any], key: str) -> str:
+    ceiling = row.get(_CEILING_OF.get(key, ""))
+    value = row.get(key)
+    return CEILING_MARK if value is not None and ceiling is not None and value >= ceiling else ""
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The summary table as GitHub Markdown (numbers to 4 significant digits, ``–`` for not computed)."""
+    """The summary table as GitHub Markdown (numbers to 4 significant digits, ``–`` for not computed).
+
+    A rank of G at the token limit, or an interaction-basis dimension at the architectural limit, is marked
+    ``▲`` (:data:`CEILING_MARK`).
+    """
     lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
              "|" + "|".join("---" if k == "site" else "---:" for k in SUMMARY_COLUMNS) + "|"]
     for row in rows:
-        cells = [f"`{row['site']}`" if k == "site" else _fmt(row.get(k)) for k in SUMMARY_COLUMNS]
+        cells = [f"`{row['site']}`" if k == "site" else _fmt(row.get(k)) + _at_ceiling_mark(row, k)
+                 for k in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -291,6 +363,14 @@ def _site_label(site: str) -> str:
     return "final" if layer is None else f"layer {layer}"
 
 
+def _above_floor(values: torch.Tensor, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(1-based index, value) of the eigenvalues above the float64 noise floor (and above 0, for a log axis)."""
+    v = values.detach().cpu().double().numpy()
+    idx = np.arange(1, v.size + 1)
+    keep = v > max(floor, 0.0)
+    return idx[keep], v[keep]
+
+
 def _positive(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     v = values.detach().cpu().double().numpy()
     idx = np.arange(1, v.size + 1)
@@ -305,8 +385,9 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
     One column per site kind; top row: every eigenvalue of M̃ (``all_lambdas``), descending, on a log scale
     with the kept dimension in the legend; bottom row (when ``pca`` is given): the eigenvalues of the
     activation covariance G. Λ carries the output metric's units (it is invariant under a → R a), the PCA
-    variances the activation's units squared, so the two rows share the x axis only. Non-positive values
-    (rounding) are not drawn on the log scale.
+    variances the activation's units squared, so the two rows share the x axis only. Each spectrum is cut at
+    its float64 noise floor (``lambda_floor``), drawn as a dotted line of the same colour: values below it are
+    rounding, not data.
     """
     if not bases and not pca:
         raise BadInputError("plot_spectra needs at least one basis")
@@ -326,8 +407,10 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
                 if site not in source:
                     continue
                 basis = source[site]
-                x, y = _positive(basis.all_lambdas)
+                x, y = _above_floor(basis.all_lambdas, basis.lambda_floor)
                 ax.plot(x, y, color=colors[site], lw=1.3, label=f"{_site_label(site)} (dim {basis.dim})")
+                if basis.lambda_floor > 0:  # below this line the eigenvalues are float64 rounding, not data
+                    ax.axhline(basis.lambda_floor, color=colors[site], ls=":", lw=0.9, alpha=0.8)
             ax.set_yscale("log")
             ax.set_title(f"{kind}: {title}", fontsize=10)
             ax.set_xlabel("index i (descending)")
@@ -339,13 +422,16 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
 
 
 def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, InteractionBasis] | None = None,
-              *, rtol: float = 1e-3) -> Figure:
+              *, rtol: float = 1e-3, d_model: int | None = None, n_tokens: int | None = None) -> Figure:
     """Kept dimension per layer: interaction basis against PCA, one panel per site kind.
 
     Solid bars: the dimension at the tolerance the bases were built with (the summary table's ``IB dim``
     and ``PCA dim``); light bars: the number of eigenvalues above ``rtol`` × the largest (Λ for the
     interaction basis, variances for PCA), a coarser cut that shows how fast each spectrum falls. Black
-    ticks mark the rank of G and the dashed line the site's width d.
+    ticks mark the rank of G and the dashed line the site's width d. With ``d_model``: red ticks mark the
+    architectural ceiling of the interaction-basis dimension (:func:`architectural_ceiling`) and a dotted line
+    d_model; with ``n_tokens``: grey ticks mark the token limit of the rank of G (:func:`token_ceiling`) where it
+    is below d.
     """
     if not bases:
         raise BadInputError("plot_dims needs interaction bases")
@@ -366,13 +452,25 @@ def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, Interacti
             ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=color, alpha=alpha, label=label)
         ax.plot(x, [b.rank_G for b in ib], "k_", ms=22, mew=2, label="rank G")
         ax.axhline(ib[0].input_dim, color="0.4", ls="--", lw=1, label="width d")
+        if d_model is not None:
+            ax.plot(x, [architectural_ceiling(s, b.input_dim, d_model) for s, b in zip(sites, ib, strict=True)],
+                    "_", color="C3", ms=26, mew=2.5, label="IB dim ceiling (architecture)")
+            if d_model != ib[0].input_dim:
+                ax.axhline(d_model, color="C3", ls=":", lw=1, label="d_model")
+        if n_tokens is not None and token_ceiling(ib[0].input_dim, n_tokens) < ib[0].input_dim:
+            ax.plot(x, [token_ceiling(b.input_dim, n_tokens) for b in ib], "_", color="0.55", ms=26, mew=2.5,
+                    label="rank G ceiling (tokens)")
         ax.set_xticks(x, [_site_label(s).removeprefix("layer ") for s in sites])
         ax.set_title(f"{kind}: kept dimension per layer (table: rtol={ib[0].rtol:g})", fontsize=10)
         ax.set_xlabel("layer")
         ax.set_ylabel("dimension")
         ax.set_ylim(0, ib[0].input_dim * 1.12)
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every panel's entries once (d_model shows only where d ≠ d_model)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
     return fig
 
@@ -644,7 +742,9 @@ def write_report(folder: str | os.PathLike) -> Path:
     sections: list[str] = []
     if res.bases:
         _save(plot_spectra(res.bases, res.pca or None), run.plot("spectra"))
-        _save(plot_dims(res.bases, res.pca or None), run.plot("dims"))
+        model_meta = (res.stats_meta or {}).get("model", {})
+        _save(plot_dims(res.bases, res.pca or None, d_model=model_meta.get("d_model"),
+                        n_tokens=(res.stats_meta or {}).get("n_tokens")), run.plot("dims"))
         _save(plot_dim_curves(res.bases, eps_hat=eps_hat), run.plot("dim_vs_eps"))
         ib = next(iter(res.bases.values()))
         sections.append(
@@ -660,7 +760,12 @@ def write_report(folder: str | os.PathLike) -> Path:
             f"Kept dimension per layer. Solid bars use the tolerance of the table (rtol = {ib.rtol:g} of the "
             "largest eigenvalue, above the float64 noise floor); light bars count eigenvalues above 10⁻³ of "
             "the largest; black ticks mark the rank of G. Where the interaction basis keeps fewer directions "
-            "than PCA, the activations vary along directions the output ignores.\n\n"
+            "than PCA, the activations vary along directions the output ignores. Red ticks mark the "
+            "architectural ceiling of the interaction-basis dimension: the rank of M is at most the width of the "
+            "narrowest layer after the site (d_model for the MLP output, which enters the residual stream "
+            "through W_out); grey ticks, where shown, the rank of G that the number of tokens allows (N − 1). "
+            "A dimension at a ceiling (▲ in the table) is set by the architecture or the data size, not by the "
+            "model's degeneracy. The dotted lines in the spectra are each site's float64 noise floor.\n\n"
             "![dimension against epsilon](plots/dim_vs_eps.png)\n\n"
             "Interaction-basis dimension against the noise scale ε: the number of directions whose Λ exceeds "
             "ε. In the paper's finite-data picture (§2.2.2) a direction below ε is degenerate at that scale, "
@@ -740,7 +845,10 @@ def write_report(folder: str | os.PathLike) -> Path:
                    f"{whole.llc_se:.2g} (s.e.), ε̂ = {whole.eps_hat:.3g}, N_eff = {whole.n_eff:.4g}; {whole.verdict}.\n")
     index = (f"# tl-degeneracy report\n\n{header}\n## Summary per layer\n\n"
              "One row per site: width d, rank of the activation covariance G, kept dimension of the interaction "
-             "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. The synchronisation and "
+             "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. Two ceilings are set by the "
+             "set-up rather than the model: the rank of G is at most N − 1 for N counted tokens, and the IB "
+             "dimension at most the width of the narrowest layer after the site (d_model for the MLP output); "
+             "a value at its ceiling is marked ▲. The synchronisation and "
              "LLC columns belong to the site's layer and repeat; the LLC is that of the layer's parameters "
              f"(`blocks.l`) with its loss scale ε̂.{sync_note} Also in [summary.csv](summary.csv).\n\n"
              f"{summary_markdown(rows)}\n{body}{note}")
