@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TINY, TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.collection.lib import local_jacobian_gram

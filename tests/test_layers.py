@@ -26,10 +26,12 @@ ALLOWED: dict[str, set[str]] = {
     "collection": {"errors", "_io", "_version", "adapter", "sites", "data", "stats"},
     "analysis": {"errors", "_io", "stats", "sites"},
     "llc": {"errors", "_io", "adapter", "data"},
+    # model passes interleaved with analyses (the local interaction basis, the interaction graph)
+    "methods": {"errors", "_io", "_version", "adapter", "sites", "data", "collection", "stats", "analysis"},
     "run": {"errors", "_io", "_version", "adapter", "sites", "data", "collection", "stats", "analysis", "llc",
-            "face"},
+            "methods", "face"},
     "face": {"errors", "_io", "_version", "adapter", "sites", "data", "collection", "stats", "analysis", "llc",
-             "run"},
+             "methods", "run"},
     "__main__": {"run"},
 }
 
