@@ -124,13 +124,18 @@ class Stats:
 
         Totals stay on the device they were created on (the model's, during :func:`collect`), so a GPU run
         never copies d×d increments to the host per batch.
+
+        In place and without a float64 temporary: ``total.add_(float32 increment)`` converts each element to
+        float64 exactly (every float32 is a float64) before the float64 addition, so the result is bit-identical
+        to converting first, without a fresh d×d float64 matrix per statistic and batch.
         """
         for key, inc in increments.items():
-            inc = inc.detach().to(torch.float64 if inc.is_floating_point() else torch.int64)
+            inc = inc.detach()
+            dtype = torch.float64 if inc.is_floating_point() else torch.int64
             if key in self.tensors:
-                self.tensors[key] += inc.to(self.tensors[key].device)
+                self.tensors[key].add_(inc.to(self.tensors[key].device))
             else:
-                self.tensors[key] = inc.clone()
+                self.tensors[key] = inc.to(dtype, copy=True)
 
     def to(self, device: str | torch.device) -> Stats:
         """Move the totals to ``device`` in place (returns self)."""

@@ -118,12 +118,17 @@ class _OutputMap:
 
 @dataclass
 class _BatchState:
-    """What this component's hooks share during one batch."""
+    """What this component's hooks share during one batch; owned by the batch's ``ctx.scratch`` and cleared
+    with it (the unembedding input leads back through its ``grad_fn`` to the backward hooks, whose closures
+    reach this state: a cycle through C++ that only clearing breaks)."""
 
-    ctx: BatchContext
     leaf: torch.Tensor | None = None
     unembed_in: torch.Tensor | None = None
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.leaf = self.unembed_in = None
+        self.grads = {}
 
 
 class JacobianMoments(Component):
@@ -154,7 +159,6 @@ class JacobianMoments(Component):
         self.unembedding = self.adapter.unembedding()
         if self.unembedding is not None:  # ‖W_U[:, j]‖ for the per-batch check of o = x W_U + b_U
             self._unembed_col_norms = self.unembedding.W_U.float().norm(dim=0)
-        self._state: _BatchState | None = None
         self._warned_fallback = False
 
     # ---- Component interface ----------------------------------------------------------------------
@@ -236,14 +240,13 @@ class JacobianMoments(Component):
                     outer[site] = outer[site].add_(inc) if site in outer else inc
             for site, total in outer.items():
                 ctx.add(f"jac/{site}/outer", total)
-        finally:
-            self._state = None
+        finally:  # run_batch clears ctx.scratch too; clearing here frees the graph before the next component
+            state.clear()
 
     # ---- internals --------------------------------------------------------------------------------
     def _batch_state(self, ctx: BatchContext) -> _BatchState:
-        if self._state is None or self._state.ctx is not ctx:
-            self._state = _BatchState(ctx)
-        return self._state
+        """This component's state for the batch of ``ctx`` (created on first use, kept in ``ctx.scratch``)."""
+        return ctx.scratch.setdefault(("JacobianMoments", id(self)), _BatchState())
 
     def _output_map(
         self, ctx: BatchContext, state: _BatchState, logits: torch.Tensor, work: torch.dtype
