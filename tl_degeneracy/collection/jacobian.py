@@ -60,6 +60,7 @@ from jaxtyping import Float, Int
 
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
+from tl_degeneracy.collection.kernels import sample_categorical
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import hook_name, site_kind, site_layer
 
@@ -289,7 +290,7 @@ class JacobianMoments(Component):
         K, rows = self.n_probes, slice(None)
         if p is not None:  # kl
             pA = out.apply(p)  # W_U p per token, shared by the K probes
-            y = torch.multinomial(p, K, replacement=True, generator=ctx.generator)  # [n, K], y ~ Categorical(p)
+            y = sample_categorical(p, K, generator=ctx.generator)  # [n, K], y ~ Categorical(p)
             for k in range(K):
                 yield 1.0 / K, rows, out.rows(y[:, k], work) - pA  # (e_y − p) A
         else:  # mse: Rademacher u (E[u uᵀ] = I), drawn in place in the working dtype, then u A
