@@ -60,7 +60,7 @@ from jaxtyping import Float, Int
 
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
-from tl_degeneracy.collection.kernels import sample_categorical
+from tl_degeneracy.collection.kernels import sample_categorical, softmax_rows_
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import hook_name, site_kind, site_layer
 
@@ -223,7 +223,8 @@ class JacobianMoments(Component):
                 return
             work = torch.promote_types(logits.dtype, torch.float32)
             # p_s at the counted positions (kl only: F = I needs no probabilities)
-            p = torch.softmax(logits.detach()[ctx.mask].to(work), dim=-1) if self.metric == "kl" else None
+            # the boolean gather copies the counted rows; the softmax then runs in place on that copy
+            p = softmax_rows_(logits.detach()[ctx.mask].to(work)) if self.metric == "kl" else None
             out = self._output_map(ctx, state, logits, work)
             positions = ctx.mask.nonzero()  # [n, 2] (sequence, position), in the order of x[mask]
             if self.estimator == "probe":

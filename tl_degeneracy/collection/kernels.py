@@ -64,6 +64,13 @@ def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Floa
 
 
 
+def softmax_rows_(x: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, "n vocab"]:
+    """softmax over the last dimension, in place (no second [n, V] matrix): exp(x − max) / Σ exp(x − max).
+    Equal to ``torch.softmax`` within float32 rounding; returns ``x``."""
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    return x.div_(x.sum(dim=-1, keepdim=True))
+
+
 def sample_categorical(
     p: Float[torch.Tensor, "n vocab"], n_samples: int, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
