@@ -77,3 +77,23 @@ def test_sgld_llc_does_not_grow_with_steps():
                  mala_every=2, loss_at_optimum=0.0, progress=False)
 
     assert_no_growth(run, 8)
+
+
+def test_failed_batches_leave_nothing_behind(model):
+    # A NaN planted in the gradient of every batch: each call stops at its first batch with NonFiniteError.
+    # n and 4n failing calls must leave the same live tensors (the finally clauses release the graph).
+    def poison(grad, hook):
+        return torch.full_like(grad, float("nan"))
+
+    data = tld.token_batches(model, random_tokens(2 * ROWS, SEQ), seq_len=SEQ, batch_size=ROWS)
+
+    def run(n_calls: int) -> None:
+        model.add_hook("blocks.1.hook_resid_pre", poison, dir="bwd")
+        try:
+            for _ in range(n_calls):
+                with pytest.raises(tld.NonFiniteError):
+                    tld.collect(model, data, sites=["resid_pre"], jacobian="kl", progress=False, memory_budget=None)
+        finally:
+            model.reset_hooks(including_permanent=False)
+
+    assert_no_growth(run, 2)
