@@ -135,3 +135,20 @@ def test_in_place_softmax_equals_torch_softmax_within_float32_rounding():
     assert out.data_ptr() == y.data_ptr()  # in place
     # a few float32 ulps: exp of the same shifted inputs, one division by a float32 row sum
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_stats_add_in_chunks_is_bit_identical_to_converting_first():
+    from tl_degeneracy.stats import ADD_CHUNK, Stats
+
+    g = torch.Generator().manual_seed(4)
+    d = 301  # d² = 90,601 > ADD_CHUNK: a full chunk and a partial one
+    assert d * d > ADD_CHUNK
+    incs = [torch.randn(d, d, generator=g) * 10 ** k for k in range(-3, 4)]
+    stats = Stats({}, {})
+    ref = None
+    for inc in incs:
+        stats.add_({"m": inc.T, "n": torch.tensor(3, dtype=torch.int64)})  # a transposed (strided) increment
+        ref = inc.T.double().clone() if ref is None else ref + inc.T.double()
+    assert stats.tensors["m"].dtype == torch.float64 and stats.tensors["m"].is_contiguous()
+    assert torch.equal(stats.tensors["m"], ref)
+    assert int(stats.tensors["n"]) == 3 * len(incs)
