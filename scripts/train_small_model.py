@@ -1,4 +1,4 @@
-"""Train the small bundled GPT-2 (``data/stdlib-gpt2``) on the Python standard library's source.
+"""Train the small bundled GPT-2 (``tl_degeneracy/bundled/stdlib-gpt2``) on the Python standard library's source.
 
 Everything here is deterministic given ``--seed``, the Python version whose stdlib is read, the
 thread count and the library versions (torch, tokenizers, transformers); see ``data/README.md``
@@ -223,7 +223,7 @@ def plot_curve(log: dict, path: Path, unigram_xent: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tl_degeneracy" / "bundled")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=500)
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_loss": heldout_loss,
         "heldout_perplexity": math.exp(heldout_loss),
         "heldout_loss_definition": "mean next-token cross-entropy (nats) over consecutive non-overlapping "
-        f"{n_ctx}-token windows of data/stdlib-heldout.safetensors (last window "
+        f"{n_ctx}-token windows of tl_degeneracy/bundled/stdlib-heldout.safetensors (last window "
         "shorter), no BOS added",
         "heldout_loss_first_windows": {"n_windows": len(first_k), "loss": heldout_loss_first_k},
         "heldout_tokens": int(held_stream.numel()),

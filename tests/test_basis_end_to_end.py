@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, make_tiny_model, random_tokens
+from tiny import TINY, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 
@@ -104,11 +104,3 @@ def test_transform_of_the_models_own_activations_has_covariance_diag_lambda(setu
     # activations are float32 (relative rounding ~1e-7) and collect's products too: 1e-5 of Λ_max
     assert torch.allclose(cov, torch.diag(ib.lambdas), rtol=0, atol=1e-5 * ib.lambdas[0].item())
     assert f.mean(0).abs().max() <= 1e-5 * ib.lambdas[0].sqrt()
-
-
-def test_interaction_bases_from_statistics_without_jacobians_say_how_to_collect_them(setup) -> None:
-    model, tokens, sites, _ = setup
-    data = tld.token_batches(model, tokens[:2], batch_size=2)
-    stats = tld.collect(model, data, sites=sites[:1], progress=False)
-    with pytest.raises(tld.BadInputError, match='jacobian="kl"'):
-        tld.interaction_bases(stats)

@@ -1,4 +1,4 @@
-"""The bundled small GPT-2 (``data/stdlib-gpt2``) and its token files.
+"""The bundled small GPT-2 (``tl_degeneracy/bundled/stdlib-gpt2``) and its token files.
 
 See ``data/README.md`` and ``scripts/train_small_model.py``. Everything here runs offline.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
+DATA = REPO / "tl_degeneracy" / "bundled"
 MODEL_DIR = DATA / "stdlib-gpt2"
 HELDOUT = DATA / "stdlib-heldout.safetensors"
 TRAIN_SAMPLE = DATA / "stdlib-train-sample.safetensors"
@@ -62,7 +62,7 @@ def bridge():
 
 def test_data_folder_size():
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
-    assert total <= MAX_DATA_BYTES, f"data/ holds {total} bytes"
+    assert total <= MAX_DATA_BYTES, f"tl_degeneracy/bundled/ holds {total} bytes"
 
 
 def test_folder_has_save_pretrained_files():

@@ -26,11 +26,11 @@ from tl_degeneracy.run.pipeline import Stage, parse_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("resid_pre", "mlp_post")
-N_LAYERS = 2  # of the tiny GPT-2 in conftest.save_tiny_gpt2
+N_LAYERS = 2  # of the tiny GPT-2 in tiny.save_tiny_gpt2
 # small and short: the whole pipeline on the tiny model in a few seconds
 FAST = ["--seq-len", "16", "--n-tokens", "450", "--batch-size", "8", "--n-probes", "2", "--llc-steps", "8",
         "--llc-burnin", "2", "--llc-chains", "2", "--llc-n-tokens", "60", "--llc-batch-size", "4",
-        "--llc-nbetas", "3000,10000", "--no-progress", "--device", "cpu", "--threads", "1"]
+        "--llc-nbetas", "3000,10000", "--ablate-n-tokens", "60", "--no-progress", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_a_stage_needing_missing_api_reports_itself_unavailable():
 # ---------------------------------------------------------------------------------------------------------
 # a full run
 # ---------------------------------------------------------------------------------------------------------
-PLOTS = ("spectra", "dims", "dim_vs_eps", "head_sync", "sync_sweep", "llc_traces", "llc_scale")
+PLOTS = ("spectra", "dims", "dim_vs_eps", "ablation", "head_sync", "sync_sweep", "llc_traces", "llc_scale")
 
 
 def test_run_writes_every_promised_file(full_run):
@@ -169,7 +169,9 @@ def test_run_writes_every_promised_file(full_run):
     expected += [f"bases/{s}.{k}.{e}" for s in sites for k in ("interaction", "pca") for e in ("safetensors", "json")]
     expected += [f"sync/{k}.layer{x}.safetensors" for k in ("heads", "neurons") for x in range(N_LAYERS)]
     expected += [f"llc/{sel}/llc.{e}" for sel in ("all", "blocks.0", "blocks.1") for e in ("json", "safetensors")]
-    expected += [f"stages/{s}.json" for s in ("stats", "basis", "sync", "llc")]
+    expected += [f"ablation/{s}.{k}.{e}" for s in sites for k in ("interaction", "pca")
+                 for e in ("safetensors", "json")]
+    expected += [f"stages/{s}.json" for s in ("stats", "basis", "ablate", "sync", "llc")]
     missing = [p for p in expected if not (full_run / p).is_file()]
     assert not missing
     assert not list(full_run.rglob("*.pkl")) and not list(full_run.rglob("*.pt"))
@@ -182,7 +184,7 @@ def test_run_writes_every_promised_file(full_run):
     assert {"torch", "transformer-lens", "tl_degeneracy"} <= set(run["versions"])
     assert run["machine"]["cpu_count"] >= 1 and run["wall_seconds"] > 0
     assert {s: v["status"] for s, v in run["stages"].items() if not s.startswith("_")} == {
-        "stats": "ran", "basis": "ran", "sync": "ran", "llc": "ran", "report": "ran"}
+        "stats": "ran", "basis": "ran", "ablate": "ran", "sync": "ran", "llc": "ran", "report": "ran"}
 
 
 def test_index_links_every_plot_with_relative_paths(full_run):
@@ -209,6 +211,8 @@ def test_summary_tables_have_one_row_per_layer_and_site(full_run):
         assert 0 < int(r["ib_dim"]) <= int(r["rank_G"]) <= int(r["d"])
         assert int(r["pca_dim"]) <= int(r["d"])
         assert float(r["top_lambda"]) == pytest.approx(float(basis.all_lambdas[0]))
+        curve = tld.AblationCurve.load(full_run / "ablation" / f"{site}.interaction")
+        assert int(r["ib_needed"]) == tld.directions_needed(curve, 0.01) and 0 <= int(r["pca_needed"])
         assert 1 <= int(r["head_blocks"]) <= 4 and 1 <= int(r["neuron_blocks"]) <= 64
         llc = json.loads((full_run / "llc" / f"blocks.{r['layer']}" / "llc.json").read_text())
         assert float(r["llc"]) == pytest.approx(llc["llc_mean"]) and float(r["eps_hat"]) == pytest.approx(
@@ -305,7 +309,7 @@ def test_interrupted_statistics_resume_from_the_checkpoint(tiny_args, full_run, 
 # ---------------------------------------------------------------------------------------------------------
 def test_default_run_uses_the_bundled_model_and_data(tmp_path):
     if not (tld.data.DATA_DIR / "stdlib-gpt2" / "config.json").is_file():
-        pytest.skip("the bundled model data/stdlib-gpt2 is not in this checkout")
+        pytest.skip("the bundled model tl_degeneracy/bundled/stdlib-gpt2 is not in this checkout")
     out = tmp_path / "bundled"
     code = main(["run", "--layers", "0", "--n-tokens", "256", "--n-probes", "1", "--no-llc", "--no-progress",
                  "--device", "cpu", "--threads", "1", "--out", str(out)])
@@ -317,3 +321,35 @@ def test_default_run_uses_the_bundled_model_and_data(tmp_path):
         assert [r["site"] for r in csv.DictReader(f)] == ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
     _check_png(out / "plots" / "spectra.png")
     assert os.path.getsize(out / "index.md") > 0
+
+
+def test_interrupted_ablate_stage_resumes_site_by_site(tiny_args, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ablate"
+    shutil.copytree(full_run, out)
+    (out / "stages" / "ablate.json").unlink()
+    shutil.rmtree(out / "ablation")
+    real, calls = tld.ablation_curves, []
+
+    def interrupt_after_one(*args, **kwargs):
+        calls.append(kwargs["site"])
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tld, "ablation_curves", interrupt_after_one)
+    assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 130
+    first = calls[0]
+    progress = out / ".progress" / "ablate" / "ablation"  # finished sites wait here; nothing is in place yet
+    before = tld.AblationCurve.load(progress / f"{first}.interaction.safetensors")
+    assert (progress / "identity.json").is_file() and not list(out.glob("ablation/*.safetensors"))
+
+    again = []
+    monkeypatch.setattr(tld, "ablation_curves", lambda *a, **k: again.append(k["site"]) or real(*a, **k))
+    assert main(["run", *tiny_args, "--out", str(out), "--stages", "ablate"]) == 0
+    assert first not in again and len(again) == len(list((full_run / "bases").glob("*.interaction.safetensors"))) - 1
+    after = tld.AblationCurve.load(out / "ablation" / f"{first}.interaction.safetensors")
+    assert after.keep == before.keep and torch.equal(after.loss, before.loss)  # kept, not recomputed
+    assert not (out / ".progress").exists()
+    for path in (full_run / "ablation").glob("*.safetensors"):  # same curves as the uninterrupted run
+        a, b = tld.AblationCurve.load(path), tld.AblationCurve.load(out / "ablation" / path.name)
+        assert torch.equal(a.loss, b.loss)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TINY, TL_MAJOR, make_tiny_model, padded_data, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import ModelAdapter
@@ -29,26 +29,9 @@ if TL_MAJOR < 4:
 EXACT_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: hundreds of small backward passes run far faster on one thread of a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny64(**overrides):
     """The tiny model in float64 (3.x takes the dtype from its config, the 4.x bridge needs ``.to``)."""
     return make_tiny_model(dtype=torch.float64, **overrides).to(torch.float64)
-
-
-def padded_data(model, rows=3, seq=7, batch_size=2, seed=0, vocab=50):
-    """Rows of random tokens, the last two positions of row 1 padding (so masks matter for t and s alike)."""
-    attn = torch.ones(rows, seq, dtype=torch.long)
-    attn[1, -2:] = 0
-    return tld.token_batches(model, random_tokens(rows, seq, vocab=vocab, seed=seed), batch_size=batch_size,
-                             attention_mask=attn)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,8 +39,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def jacrev_reference(model, data, site: str, metric: str) -> torch.Tensor:
-    """M by brute force: J [B, T, V, B, T, d] from ``torch.func.jacrev``, then Σ over counted (t, s ≥ t) / N."""
-    tokens, mask = data.tokens, data.mask
+    """M by brute force: J [B, T, V, B, T, d] from ``torch.func.jacrev``, then Σ over counted activation
+    positions t and output positions s / N (``data.output_mask``; the counted positions unless given)."""
+    tokens, mask, outputs = data.tokens, data.mask, data.output_mask
     captured = {}
 
     def grab(act, hook):
@@ -74,12 +58,12 @@ def jacrev_reference(model, data, site: str, metric: str) -> torch.Tensor:
     J = torch.func.jacrev(logits_of)(a0).flatten(5).double()  # [B, T(s), V, B, T(t), d]
     M = torch.zeros(J.shape[-1], J.shape[-1], dtype=torch.float64)
     for b in range(tokens.shape[0]):
-        m = mask[b]
-        Jb = J[b, m][:, :, b, m]  # [s, V, t, d], counted s and t
+        m, o = mask[b], outputs[b]
+        Jb = J[b, o][:, :, b, m]  # [s, V, t, d], output positions s and counted t
         if metric == "mse":
             M += torch.einsum("svtd,svte->de", Jb, Jb)
         else:
-            p = logits[b, m].double().softmax(-1)  # [s, V]
+            p = logits[b, o].double().softmax(-1)  # [s, V]
             pJ = torch.einsum("sv,svtd->std", p, Jb)
             M += torch.einsum("svtd,sv,svte->de", Jb, p, Jb) - torch.einsum("std,ste->de", pJ, pJ)
     return M / mask.sum()
@@ -98,6 +82,43 @@ def test_exact_equals_jacrev_reference_in_float64(metric):
         assert int(stats.tensors[f"jac/{site}/n"]) == data.n_counted
         err = relative_error(stats.jacobian_gram(site), ref)
         assert err < EXACT_RTOL, f"{metric} {site}: relative error {err:.2e}"
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("metric", ["kl", "mse"])
+@pytest.mark.parametrize("count, outputs", [("all", "last"), (None, "last"), ("last", "counted")])
+def test_exact_with_separate_count_and_output_positions_equals_jacrev(metric, count, outputs):
+    """Activations counted at one set of positions, the metric F and the probes at another (SPEC §5b): the
+    oracle sums J_{s,t}ᵀ F_s J_{s,t} over output positions s and counted positions t only."""
+    model = tiny64()
+    tokens = random_tokens(3, 6, seed=4)
+    data = tld.token_batches(model, tokens, batch_size=2, count=count, outputs=outputs)
+    assert data.outputs is None if outputs == "counted" else data.output_mask.sum() == 3
+    stats = tld.collect(model, data, sites=ORACLE_SITES, jacobian=metric, estimator="exact", progress=False)
+    for site in ORACLE_SITES:
+        ref = jacrev_reference(model, data, site, metric)
+        assert int(stats.tensors[f"jac/{site}/n"]) == data.n_counted
+        err = relative_error(stats.jacobian_gram(site), ref)
+        assert err < EXACT_RTOL, f"{metric} {site} count={count} outputs={outputs}: relative error {err:.2e}"
+
+
+@pytest.mark.tl3
+@pytest.mark.parametrize("metric", ["kl", "mse"])
+def test_probes_at_the_output_positions_average_to_the_exact_statistic(metric):
+    """Probes drawn only at the last position: their mean over many seeds approaches the exact M (unbiased).
+
+    E‖mean − M‖²_F = Σ_entries se² for an unbiased estimator, so a bias would show as ‖mean − M‖_F well above
+    sqrt(Σ se²); 4× that bound is passed by an unbiased estimator except with negligible probability."""
+    model = tiny64()
+    data = tld.token_batches(model, random_tokens(2, 5, seed=5), batch_size=2, count="all", outputs="last")
+    site = "blocks.1.hook_resid_pre"
+    exact = tld.collect(model, data, sites=[site], jacobian=metric, estimator="exact",
+                        progress=False).jacobian_gram(site)
+    draws = torch.stack([tld.collect(model, data, sites=[site], jacobian=metric, n_probes=4, seed=s,
+                                     progress=False).jacobian_gram(site) for s in range(200)])
+    mean, se = draws.mean(0), draws.std(0) / 200 ** 0.5
+    assert float((mean - exact).norm()) <= 4 * float(se.norm())
+    assert float(se.norm()) < 0.1 * float(exact.norm())  # the test has power: the noise is small against M
 
 
 @pytest.mark.tl3
@@ -440,3 +461,75 @@ def test_exact_equals_jacrev_and_probes_agree_on_a_gpt2_folder(tiny_gpt2_path):
         target = exact.jacobian_gram(site)
         assert bias_to_noise_ratio(est[site], target) < 2.5
         assert bias_to_noise_ratio(est[site], 1.15 * target) > 2.5
+
+
+# ---- top-k + tail estimator for peaked output distributions ------------------------------------------------
+def peaked64(scale: float = 12.0):
+    """The float64 tiny model with its unembedding scaled up: confident, peaked output distributions."""
+    model = tiny64()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[0] in ("head", "unembed") and p.ndim == 2:  # 4.x bridge / 3.x HookedTransformer
+                p.mul_(scale)
+    return model
+
+
+@pytest.mark.tl3
+def test_topk_with_every_column_and_one_output_per_sequence_is_exact():
+    """k = V columns, one output position per sequence: no tail, no cross-position terms, so every draw is
+    exact and the signs square away — the estimate equals the exact estimator up to the rounding of the
+    float32 Gram products (SPEC §1; ~1e-7 relative, far below EXACT_RTOL's margin)."""
+    model = tiny64()
+    data = tld.token_batches(model, random_tokens(3, 6, seed=7), batch_size=2, count="all", outputs="last")
+    kw = dict(sites=ORACLE_SITES, jacobian="kl", progress=False)
+    exact = tld.collect(model, data, estimator="exact", **kw)
+    topk = tld.collect(model, data, estimator="topk", top_k=TINY["d_vocab"], seed=3, **kw)
+    for site in ORACLE_SITES:
+        assert relative_error(topk.jacobian_gram(site), exact.jacobian_gram(site)) < 1e-6
+    assert topk.meta["jacobian"]["top_k"] == TINY["d_vocab"]
+
+
+@pytest.mark.tl3
+def test_topk_is_unbiased_with_several_output_positions_and_a_sampled_tail():
+    """k = 3 of 50 tokens, probes at every position: the mean over seeds approaches the exact M within the
+    bound of the unbiasedness test above (E‖mean − M‖² = Σ se²)."""
+    model = peaked64()
+    data = padded_data(model, rows=2, seq=5)
+    site = "blocks.1.hook_resid_pre"
+    kw = dict(sites=[site], jacobian="kl", progress=False)
+    exact = tld.collect(model, data, estimator="exact", **kw).jacobian_gram(site)
+    draws = torch.stack([tld.collect(model, data, estimator="topk", top_k=3, n_probes=2, seed=s, **kw)
+                         .jacobian_gram(site) for s in range(200)])
+    mean, se = draws.mean(0), draws.std(0) / 200 ** 0.5
+    assert float((mean - exact).norm()) <= 4 * float(se.norm())
+    assert float(se.norm()) < 0.1 * float(exact.norm())
+
+
+@pytest.mark.tl3
+def test_topk_beats_plain_probes_on_peaked_outputs_at_the_same_cost():
+    """On a confident model the plain probe mostly redraws the top token; k = 4 exact columns plus 4 tail
+    probes (8 backward passes) give a smaller mean error than 8 plain probes, over 30 seeds."""
+    from tl_degeneracy.collection.probes import tail_mass
+
+    model = peaked64()
+    data = tld.token_batches(model, random_tokens(6, 6, seed=8), batch_size=3, count="all", outputs="last")
+    with torch.no_grad():
+        p = model(data.tokens)[:, -1].softmax(-1)
+    assert float(tail_mass(p, 4).mean()) < 0.1  # the outputs are peaked: the top 4 tokens hold > 90%
+    site = "blocks.1.hook_resid_pre"
+    kw = dict(sites=[site], jacobian="kl", progress=False)
+    exact = tld.collect(model, data, estimator="exact", **kw).jacobian_gram(site)
+
+    def mean_error(**est):
+        return sum(relative_error(tld.collect(model, data, seed=s, **est, **kw).jacobian_gram(site), exact)
+                   for s in range(30)) / 30
+
+    probe_err = mean_error(estimator="probe", n_probes=8)
+    topk_err = mean_error(estimator="topk", top_k=4, n_probes=4)
+    assert topk_err < 0.5 * probe_err, (topk_err, probe_err)
+
+
+def test_topk_needs_the_kl_metric(tiny_model):
+    data = tld.token_batches(tiny_model, random_tokens(2, 4), batch_size=2)
+    with pytest.raises(tld.BadInputError, match="topk"):
+        tld.collect(tiny_model, data, sites="resid_pre", jacobian="mse", estimator="topk", progress=False)

@@ -110,7 +110,7 @@ def _poison_once(value: float, *, call: int = 2, entry=(0, 3, 5)):
     ids=["activation", "logits", "gradient"],
 )
 def test_one_non_finite_entry_stops_the_run_naming_place_and_batch(hook_point, direction, value, message):
-    from conftest import make_tiny_model, random_tokens
+    from tiny import make_tiny_model, random_tokens
 
     import tl_degeneracy as tld
 

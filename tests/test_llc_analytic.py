@@ -18,6 +18,12 @@ import torch
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError
 from tl_degeneracy.llc.sgld import LLCResult, plateau_check, sgld_llc, split_r_hat
 
+
+def _sgld(loss_fn, params, batches, **settings):
+    """:func:`sgld_llc` with the settings every test here shares unless it says otherwise: γ = 1, no progress bar."""
+    return sgld_llc(loss_fn, params, batches, **{"localization": 1.0, "progress": False, **settings})
+
+
 # --------------------------------------------------------------------------------------------------
 # Quadratic loss: exact finite-step answer
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +66,7 @@ def test_quadratic_loss_matches_exact_finite_step_formula(seed):
     # The test can tell the exact formula from the uncorrected one: they differ by many standard errors.
     assert abs(exact - uncorrected) > 10 * se
 
-    res = sgld_llc(
+    res = _sgld(
         lambda p, _: 0.5 * (h * p["w"] ** 2).sum(),
         {"w": torch.zeros(8, dtype=torch.float64)},
         None,
@@ -72,7 +78,6 @@ def test_quadratic_loss_matches_exact_finite_step_formula(seed):
         n_chains=n_chains,
         seed=seed,
         loss_at_optimum=0.0,
-        progress=False,
     )
     # 4 standard errors: a false alarm about once in 16,000 runs.
     assert abs(res.llc_mean - exact) < 4 * se, (res.llc_mean, exact, se)
@@ -91,17 +96,15 @@ def test_mala_acceptance_falls_as_the_step_size_grows():
     h = torch.logspace(-1, 1, 8, dtype=torch.float64)
 
     def acceptance(eps):
-        res = sgld_llc(
+        res = _sgld(
             lambda p, _: 0.5 * (h * p["w"] ** 2).sum(),
             {"w": torch.zeros(8, dtype=torch.float64)},
             None,
             nbeta=100.0,
             step_size=eps,
-            localization=1.0,
             n_steps=400,
             n_burnin=200,
             n_chains=4,
-            progress=False,
         )
         return float(np.mean(res.diagnostics["mala_acceptance"]))
 
@@ -120,7 +123,7 @@ def test_rmsprop_sgld_is_close_on_a_quadratic():
     h = torch.logspace(-1, 0, 8, dtype=torch.float64)
     nbeta, gamma = 100.0, 1.0
     target = float((nbeta / 2 * h / (nbeta * h + gamma)).sum())
-    res = sgld_llc(
+    res = _sgld(
         lambda p, _: 0.5 * (h * p["w"] ** 2).sum(),
         {"w": torch.zeros(8, dtype=torch.float64)},
         None,
@@ -131,7 +134,6 @@ def test_rmsprop_sgld_is_close_on_a_quadratic():
         n_burnin=500,
         n_chains=16,
         sampler="rmsprop_sgld",
-        progress=False,
     )
     assert res.settings["sampler"] == "rmsprop_sgld"
     assert abs(res.llc_mean / target - 1) < 0.10, (res.llc_mean, target)
@@ -157,19 +159,17 @@ def normal_crossing_posterior_mean(nbeta: float, p: int) -> float:
 
 
 def _normal_crossing(nbeta, eps, n_steps, n_burnin, p, seed, n_chains=64):
-    return sgld_llc(
+    return _sgld(
         lambda q, _: q["w"][0] ** 2 * q["w"][1] ** p,
         {"w": torch.zeros(2, dtype=torch.float64)},
         None,
         nbeta=nbeta,
         step_size=eps,
-        localization=1.0,
         n_steps=n_steps,
         n_burnin=n_burnin,
         n_chains=n_chains,
         seed=seed,
         loss_at_optimum=0.0,
-        progress=False,
     )
 
 
@@ -239,19 +239,17 @@ def test_reduced_rank_regression_population_loss(shape, seed):
     # ε = 1e-3 adds a step-size bias of +2–4%. Tolerance 10% of λ covers both with a 3-se margin.
     M, H, N = shape
     truth = aoyagi_rrr(M, H, N, 0)
-    res = sgld_llc(
+    res = _sgld(
         lambda p, _: 0.5 * ((p["B"] @ p["A"]) ** 2).sum(),
         {"A": torch.zeros(H, M, dtype=torch.float64), "B": torch.zeros(N, H, dtype=torch.float64)},
         None,
         nbeta=100.0,
         step_size=1e-3,
-        localization=1.0,
         n_steps=2500,
         n_burnin=1000,
         n_chains=16,
         seed=seed,
         loss_at_optimum=0.0,
-        progress=False,
     )
     assert abs(res.llc_mean / truth - 1) < 0.10, (res.llc_mean, truth)
     assert res.llc_mean < 0.6 * (M + N) * H / 2  # far below the regular count d/2
@@ -287,17 +285,15 @@ def test_reduced_rank_regression_fit_to_noise(shape):
     M, H, N = shape
     n = 20000
     x, y, A, B = _fit_rrr_to_noise(M, H, N, n, seed=0)
-    res = sgld_llc(
+    res = _sgld(
         lambda p, b: 0.5 * ((b[0] @ p["A"].T @ p["B"].T - b[1]) ** 2).sum(dim=1).mean(),
         {"A": A, "B": B},
         [(x, y)],
         nbeta=n / math.log(n),
         step_size=1e-4,
-        localization=1.0,
         n_steps=3000,
         n_burnin=1000,
         n_chains=8,
-        progress=False,
     )
     truth, smooth_point = aoyagi_rrr(M, H, N, 0), H * (M + N - H) / 2
     assert 0.9 * truth < res.llc_mean < smooth_point, res.llc_mean
@@ -338,7 +334,7 @@ def test_linear_softmax_kl_gives_v_minus_one_times_d_plus_one_over_two():
     a = nbeta * h + gamma
     quadratic = float((nbeta / 2 * h / (a * (1 - eps * a / 4))).sum())  # the SGLD answer for ½ δᵀ F δ
 
-    res = sgld_llc(
+    res = _sgld(
         kl,
         params,
         [data],
@@ -350,7 +346,6 @@ def test_linear_softmax_kl_gives_v_minus_one_times_d_plus_one_over_two():
         n_chains=16,
         seed=3,
         loss_at_optimum=0.0,
-        progress=False,
     )
     se = res.llc_std / math.sqrt(res.n_chains)
     # The cubic terms shift λ̂ by O(1/sqrt(nβ h_min)) ≈ 4% of a term at most; a 16-chain × 8,000-draw
@@ -377,19 +372,17 @@ def test_masks_move_only_selected_entries():
         seen.append({k: v.detach().clone() for k, v in p.items()})
         return 0.5 * (p["a"] ** 2).sum() + 0.5 * (p["b"] ** 2).sum()
 
-    res = sgld_llc(
+    res = _sgld(
         loss,
         w_star,
         None,
         nbeta=10.0,
         step_size=1e-2,
-        localization=1.0,
         n_steps=50,
         n_burnin=10,
         n_chains=2,
         masks={"a": mask_a},
         vectorize=False,  # one by one, so the loss sees plain tensors we can record
-        progress=False,
     )
     assert res.diagnostics["n_sampled_entries"] == 4 and res.settings["sampled_tensors"] == ["a"]
     draws = [s for s in seen[1:]]  # seen[0] is L(w*) measured before sampling
@@ -406,20 +399,18 @@ def test_masks_hold_exactly_under_vmap_and_float_masks():
     def loss(p, _):
         return ((p["w"] - w_star) ** 2 * (mask == 0)).sum() + 1e-12 * ((p["w"] - w_star) ** 2).sum()
 
-    res = sgld_llc(
+    res = _sgld(
         loss,
         {"w": w_star},
         None,
         nbeta=10.0,
         step_size=1e-2,
-        localization=1.0,
         n_steps=100,
         n_burnin=10,
         n_chains=3,
         masks={"w": mask},
         vectorize=True,
         loss_at_optimum=0.0,
-        progress=False,
     )
     assert res.diagnostics["vectorized"] and res.diagnostics["n_sampled_entries"] == 3
     # The selected entries do move (1e-12·|Δw|² > 0), the unselected ones contribute exactly 0.
@@ -431,13 +422,13 @@ def test_batched_and_sequential_chains_give_the_same_draws():
     # gradient differs (vmap vs autograd per chain), so in float64 the traces agree to ~1e-12.
     kl, params, (x, logp) = _softmax_problem()
     halves = [(x[:32], logp[:32]), (x[32:], logp[32:])]
-    kw = dict(nbeta=1e3, step_size=1e-3, localization=1.0, n_steps=150, n_burnin=50, n_chains=3, seed=7, progress=False)
-    a = sgld_llc(kl, params, halves, vectorize=True, **kw)
-    b = sgld_llc(kl, params, halves, vectorize=False, **kw)
+    kw = dict(nbeta=1e3, step_size=1e-3, n_steps=150, n_burnin=50, n_chains=3, seed=7)
+    a = _sgld(kl, params, halves, vectorize=True, **kw)
+    b = _sgld(kl, params, halves, vectorize=False, **kw)
     assert a.diagnostics["vectorized"] and not b.diagnostics["vectorized"]
     torch.testing.assert_close(a.loss_trace, b.loss_trace, rtol=1e-9, atol=1e-13)
     torch.testing.assert_close(a.llc_per_chain, b.llc_per_chain, rtol=1e-9, atol=1e-12)
-    c = sgld_llc(kl, params, halves, vectorize=True, **{**kw, "seed": 8})
+    c = _sgld(kl, params, halves, vectorize=True, **{**kw, "seed": 8})
     assert not torch.allclose(a.loss_trace[:, 1:], c.loss_trace[:, 1:])  # the seed matters
 
 
@@ -446,17 +437,15 @@ def test_auto_falls_back_to_sequential_when_loss_cannot_be_vmapped():
         w = p["w"]
         return 0.5 * w.pow(2).sum() + 0.0 * float(w.detach().sum())  # float() fails under vmap
 
-    res = sgld_llc(
+    res = _sgld(
         loss,
         {"w": torch.zeros(2)},
         None,
         nbeta=10.0,
         step_size=1e-2,
-        localization=1.0,
         n_steps=20,
         n_burnin=5,
         n_chains=2,
-        progress=False,
     )
     assert not res.diagnostics["vectorized"] and "vectorize_fallback" in res.diagnostics
 
@@ -465,17 +454,15 @@ def test_too_large_step_size_raises_naming_it():
     h = torch.tensor([1.0, 10.0])
     # ε a = 0.05·(100·10 + 1) ≈ 50 > 4: the AR(1) factor |1 − εa/2| ≈ 24, the chain explodes geometrically.
     with pytest.raises(SamplerDivergedError, match=r"lower step_size below 0\.05") as info:
-        sgld_llc(
+        _sgld(
             lambda p, _: 0.5 * (h * p["w"] ** 2).sum(),
             {"w": torch.zeros(2)},
             None,
             nbeta=100.0,
             step_size=0.05,
-            localization=1.0,
             n_steps=200,
             n_burnin=50,
             n_chains=2,
-            progress=False,
         )
     assert "diverged at step" in str(info.value) and info.value.result is None  # every chain died
     # Caught by the bound on nβ·(L − L(w*)) (default 10·(d + 10) = 120) while the loss is still finite,
@@ -490,10 +477,10 @@ def _cliff_loss(p, _):
 
 
 def test_divergent_chains_are_dropped_or_raised_with_survivors():
-    kw = dict(nbeta=1.0, step_size=0.05, localization=1.0, n_steps=60, n_burnin=10, n_chains=8, seed=0, progress=False)
+    kw = dict(nbeta=1.0, step_size=0.05, n_steps=60, n_burnin=10, n_chains=8, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = sgld_llc(_cliff_loss, {"w": torch.zeros(2)}, None, on_divergence="drop", **kw)
+        res = _sgld(_cliff_loss, {"w": torch.zeros(2)}, None, on_divergence="drop", **kw)
     dropped = res.diagnostics["dropped_chains"]
     assert 0 < len(dropped) < 8, dropped  # the scenario: some chains hit the cliff, some never do
     assert any("dropped" in str(w.message) for w in caught)
@@ -507,24 +494,22 @@ def test_divergent_chains_are_dropped_or_raised_with_survivors():
     assert res.llc_mean == pytest.approx(float(res.llc_per_chain[alive].mean()))
 
     with pytest.raises(SamplerDivergedError, match="chains survived") as info:
-        sgld_llc(_cliff_loss, {"w": torch.zeros(2)}, None, **kw)  # default on_divergence="raise"
+        _sgld(_cliff_loss, {"w": torch.zeros(2)}, None, **kw)  # default on_divergence="raise"
     torch.testing.assert_close(info.value.result.llc_per_chain, res.llc_per_chain, equal_nan=True)
 
 
 def test_burn_in_never_enters_the_estimate():
     h = torch.full((8,), 0.1, dtype=torch.float64)
-    res = sgld_llc(
+    res = _sgld(
         lambda p, _: 0.5 * (h * p["w"] ** 2).sum(),
         {"w": torch.zeros(8, dtype=torch.float64)},
         None,
         nbeta=100.0,
         step_size=1e-4,  # Var(w_t) = v (1 − e^{−εat}), εa = 1.1e-3: the burn-in part of the trace is rising
-        localization=1.0,
         n_steps=1200,
         n_burnin=800,
         n_chains=4,
         loss_at_optimum=0.0,
-        progress=False,
     )
     nb, trace = res.nbeta, res.loss_trace
     assert trace.shape == (4, 1200) and float(trace[0, 0]) == 0.0  # every chain starts at w*
@@ -543,17 +528,15 @@ def test_measured_loss_at_optimum_uses_the_same_batches():
     def loss(p, batch):
         return 0.5 * ((batch - p["w"]) ** 2).sum(-1).mean()
 
-    res = sgld_llc(
+    res = _sgld(
         loss,
         {"w": w_star},
         data,
         nbeta=50.0,
         step_size=1e-2,
-        localization=1.0,
         n_steps=301,
         n_burnin=100,
         n_chains=4,
-        progress=False,
     )
     per_batch = [float(loss({"w": w_star}, b)) for b in data]
     used = [per_batch[t % 3] for t in range(100, 301)]  # batches cycle 0, 1, 2, 0, ...
@@ -564,17 +547,15 @@ def test_measured_loss_at_optimum_uses_the_same_batches():
 
 
 def test_result_saves_and_loads_without_pickle(tmp_path):
-    res = sgld_llc(
+    res = _sgld(
         lambda p, _: 0.5 * (p["w"] ** 2).sum(),
         {"w": torch.zeros(3)},
         None,
         nbeta=10.0,
         step_size=1e-2,
-        localization=1.0,
         n_steps=60,
         n_burnin=20,
         n_chains=2,
-        progress=False,
     )
     folder = res.save(tmp_path / "llc")
     assert sorted(p.name for p in folder.iterdir()) == ["llc.json", "llc.safetensors"]
@@ -589,15 +570,15 @@ def test_result_saves_and_loads_without_pickle(tmp_path):
 
 def test_bad_arguments_are_refused():
     f = lambda p, _: (p["w"] ** 2).sum()  # noqa: E731
-    kw = dict(nbeta=1.0, step_size=1e-2, localization=1.0, n_steps=10, n_burnin=2, progress=False)
+    kw = dict(nbeta=1.0, step_size=1e-2, n_steps=10, n_burnin=2)
     with pytest.raises(BadInputError, match="n_burnin"):
-        sgld_llc(f, {"w": torch.zeros(2)}, None, **{**kw, "n_burnin": 10})
+        _sgld(f, {"w": torch.zeros(2)}, None, **{**kw, "n_burnin": 10})
     with pytest.raises(BadInputError, match="masks"):
-        sgld_llc(f, {"w": torch.zeros(2)}, None, masks={"v": torch.ones(2)}, **kw)
+        _sgld(f, {"w": torch.zeros(2)}, None, masks={"v": torch.ones(2)}, **kw)
     with pytest.raises(BadInputError, match="select no"):
-        sgld_llc(f, {"w": torch.zeros(2)}, None, masks={"w": torch.zeros(2, dtype=torch.bool)}, **kw)
+        _sgld(f, {"w": torch.zeros(2)}, None, masks={"w": torch.zeros(2, dtype=torch.bool)}, **kw)
     with pytest.raises(BadInputError, match="re-iterable"):
-        sgld_llc(f, {"w": torch.zeros(2)}, iter([None]), **kw)
+        _sgld(f, {"w": torch.zeros(2)}, iter([None]), **kw)
 
 
 def test_diagnostic_helpers():

@@ -1,6 +1,6 @@
 """The behavioral-loss LLC of a TransformerLens model (SPEC §5): selections, masks, state, scale sweep.
 
-Tiny random models (conftest.make_tiny_model: 2 layers, d_model 32, 4 heads of 8, vocabulary 50), a few
+Tiny random models (tiny.make_tiny_model: 2 layers, d_model 32, 4 heads of 8, vocabulary 50), a few
 hundred SGLD steps: enough to order estimates that differ by large factors, not to pin values.
 """
 
@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import FunctionalModel, parameter_masks, parameter_selections
@@ -303,3 +303,17 @@ def test_all_parameters_of_a_bridge_exclude_the_fused_copies_the_forward_never_r
                 {name: p + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * mask}, tokens
             )
             assert (moved - base).abs().max() > 1e-6, name
+
+
+@pytest.mark.tl3
+def test_first_chain_runs_the_same_chains_as_a_larger_run():
+    """Chain c's noise is seeded by (seed, c): chains 1, 2 of a 3-chain run are a 2-chain run from chain 1."""
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(4, 8, seed=2), batch_size=2)
+    kw = dict(nbeta=500.0, step_size=1e-4, localization=100.0, n_steps=8, n_burnin=2, seed=3, vectorize=False,
+              progress=False)
+    three = tld.estimate_llc(model, data, n_chains=3, **kw)
+    tail = tld.estimate_llc(model, data, n_chains=2, first_chain=1, **kw)
+    assert torch.equal(tail.loss_trace, three.loss_trace[1:])
+    with pytest.raises(tld.BadInputError, match="first_chain"):
+        tld.estimate_llc(model, data, n_chains=1, first_chain=-1, **kw)

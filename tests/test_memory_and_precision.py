@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model, random_tokens
+from tiny import make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import ModelShape

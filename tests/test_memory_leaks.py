@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model, random_tokens
 from memory_helpers import assert_no_growth
+from tiny import make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.llc.behavioral import estimate_llc

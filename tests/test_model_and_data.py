@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
 from safetensors.torch import save_file
+from tiny import TL_MAJOR, make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.adapter import ModelAdapter
@@ -127,3 +127,65 @@ def test_token_batches_iterate_deterministically(tiny_model):
     second = [(b.tokens, b.mask) for b in data]
     assert len(first) == len(data) == 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+
+
+# ---- counted and output positions (SPEC §5b) ---------------------------------------------------------------
+@pytest.mark.tl3
+def test_count_and_outputs_choose_positions_and_padding_never_counts(tiny_model):
+    tokens = random_tokens(3, 5)
+    attention = torch.ones(3, 5, dtype=torch.long)
+    attention[1, 3:] = 0  # row 1: positions 3, 4 are padding
+    kw = dict(batch_size=2, attention_mask=attention)
+    default = tld.token_batches(tiny_model, tokens, **kw)
+    assert default.outputs is None and torch.equal(default.output_mask, default.mask)
+    assert default.mask[:, 0].sum() == 0 and int(default.mask.sum()) == 4 + 2 + 4
+
+    every = tld.token_batches(tiny_model, tokens, count="all", outputs="last", **kw)
+    assert torch.equal(every.mask, attention.bool())
+    last = torch.zeros(3, 5, dtype=torch.bool)
+    last[0, 4] = last[1, 2] = last[2, 4] = True
+    assert torch.equal(every.output_mask, last)
+    assert [b.output_mask.sum().item() for b in every] == [2, 1]  # batches carry their rows' output positions
+    assert every.describe()["n_outputs"] == 3 and every.description["outputs"] == "last"
+
+    column = torch.tensor([False, True, False, True, True])
+    masked = tld.token_batches(tiny_model, tokens, count=column, **kw)
+    assert torch.equal(masked.mask, column.expand(3, 5) & attention.bool())
+    assert tld.token_batches(tiny_model, tokens, count="last", **kw).n_counted == 3
+
+
+def test_position_choices_are_checked_before_anything_runs(tiny_model):
+    tokens = random_tokens(2, 4)
+    with pytest.raises(tld.BadInputError, match="either include_bos"):
+        tld.token_batches(tiny_model, tokens, include_bos=True, count="all")
+    with pytest.raises(tld.BadInputError, match="'first' is not a position choice"):
+        tld.token_batches(tiny_model, tokens, outputs="first")
+    with pytest.raises(tld.BadInputError, match=r"count mask \(3,\)"):
+        tld.token_batches(tiny_model, tokens, count=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(tld.BadInputError, match="boolean mask"):
+        tld.token_batches(tiny_model, tokens, count=torch.ones(4))
+    with pytest.raises(tld.BadInputError, match="no output positions"):
+        tld.token_batches(tiny_model, tokens, outputs=torch.zeros(4, dtype=torch.bool))
+
+
+def test_n_tokens_cuts_the_outputs_of_the_cut_row_too(tiny_model):
+    data = tld.token_batches(tiny_model, random_tokens(3, 5), count="all", outputs="all", n_tokens=7)
+    assert data.n_counted == 7 and data.tokens.shape[0] == 2
+    assert torch.equal(data.output_mask, data.mask)  # row 1 is cut after position 1 in both masks
+
+
+@pytest.mark.tl3
+def test_behavioral_kl_loss_lives_at_the_output_positions(tiny_model):
+    """Perturbing the model moves the KL at the last position only, when outputs='last'."""
+    from tl_degeneracy.llc.behavioral import _TeacherBatches, behavioral_loss
+
+    adapter = ModelAdapter(tiny_model)
+    data = tld.token_batches(tiny_model, random_tokens(2, 5), count="all", outputs="last", batch_size=2)
+    (batch,) = list(_TeacherBatches(adapter, data, "kl", cache=True))
+    assert torch.equal(batch.weight.bool(), data.output_mask)
+    logits = adapter.forward(data.tokens).detach().float()
+    moved = logits.clone()
+    moved[:, :-1] += torch.randn_like(moved[:, :-1])  # change every position but the last
+    assert float(behavioral_loss(moved, batch, "kl")) == pytest.approx(0.0, abs=1e-6)
+    moved[:, -1] += torch.randn_like(moved[:, -1])
+    assert float(behavioral_loss(moved, batch, "kl")) > 1e-3

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import TL_MAJOR, make_tiny_model, random_tokens
+from tiny import TL_MAJOR, make_tiny_model, padded_data
 
 import tl_degeneracy as tld
 from tl_degeneracy.analysis.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync
@@ -57,13 +57,8 @@ def set_neuron_input(model, layer: int, i: int, row: torch.Tensor, bias: torch.T
 
 
 # ---- data and dense reference --------------------------------------------------------------------------
-def padded_data(model, rows: int = 8, seq: int = 16, batch_size: int = 3):
-    """Random tokens over several batches, with right padding in two rows (padding never counts)."""
-    tokens = random_tokens(rows, seq)
-    attention = torch.ones_like(tokens, dtype=torch.bool)
-    attention[1, 9:] = False
-    attention[4, 5:] = False
-    return tld.token_batches(model, tokens, batch_size=batch_size, attention_mask=attention)
+#: 8 rows in batches of 3, right padding in rows 1 and 4 (padding never counts)
+SYNC_DATA = dict(rows=8, seq=16, batch_size=3, pad_from={1: 9, 4: 5})
 
 
 def cached(model, data, names):
@@ -125,7 +120,7 @@ def dense_neuron_reference(model, data, layer, at_zero):
 @pytest.mark.tl3
 def test_streamed_head_distances_equal_pairwise_loops_over_cached_patterns():
     model = make_tiny_model("gelu_new")
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     stats = tld.collect(model, data, sites=SITE, head_sync=True, progress=False)
     for layer in range(model.cfg.n_layers):
         dist, value, gram, n = dense_head_reference(model, data, layer)
@@ -146,7 +141,7 @@ def test_streamed_head_distances_equal_pairwise_loops_over_cached_patterns():
 @pytest.mark.parametrize("act_fn", ["relu", "gelu_new"])
 def test_streamed_neuron_errors_equal_pairwise_loops_over_cached_activations(act_fn):
     model = make_tiny_model(act_fn)
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     stats = tld.collect(model, data, sites=SITE, neuron_sync=True, progress=False)
     for layer in range(model.cfg.n_layers):
         ns = neuron_sync(stats, layer)
@@ -167,7 +162,7 @@ def test_streamed_neuron_errors_equal_pairwise_loops_over_cached_activations(act
 def test_heads_with_identical_query_key_weights_form_one_block_with_hand_counted_dofs():
     model = make_tiny_model("relu")
     copy_head_qk(model, 0, src=0, dst=1)
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     stats = tld.collect(model, data, sites=SITE, head_sync=True, sync_layers=[0], progress=False)
     hs = head_sync(stats, 0)
     # identical float32 patterns up to rounding (≤1e-6 per entry) give D ≲ T·1e-12
@@ -191,7 +186,7 @@ def test_heads_with_identical_query_key_weights_form_one_block_with_hand_counted
 def test_relu_duplicated_and_always_on_neurons_form_blocks_with_hand_counted_dofs():
     model = make_tiny_model("relu")
     layer = 1
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     pre = f"blocks.{layer}.mlp.hook_pre"
     before = torch.cat([c[pre][b.mask] for b in data for c in [model.run_with_cache(b.tokens,
                                                                                     names_filter=[pre])[1]]])
@@ -234,7 +229,7 @@ def test_gelu_exact_zero_preactivation_uses_half_gate_and_never_nan():
     layer = 0
     row, _ = neuron_input(model, layer, 0)
     set_neuron_input(model, layer, 0, torch.zeros_like(row), 0.0)  # p_0 ≡ 0 exactly, f_0 = GELU(0) = 0
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     stats = tld.collect(model, data, sites=SITE, neuron_sync=True, sync_layers=[layer], progress=False)
     ns = neuron_sync(stats, layer)
     assert ns.gate_at_zero == 0.5
@@ -296,7 +291,7 @@ def test_single_linkage_blocks_equal_components_of_threshold_graph():
 @pytest.mark.tl3
 def test_sweep_agrees_with_dof_and_ends_in_one_block():
     model = make_tiny_model("relu")
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     stats = tld.collect(model, data, sites=SITE, head_sync=True, neuron_sync=True, sync_layers=[1], progress=False)
     for result, measure in ((head_sync(stats, 1), "value_distance"), (neuron_sync(stats, 1), "normalized_distance")):
         sw = result.sweep(measure=measure)
@@ -311,7 +306,7 @@ def test_sweep_agrees_with_dof_and_ends_in_one_block():
 @pytest.mark.tl3
 def test_missing_sums_name_the_collect_flag(tmp_path):
     model = make_tiny_model("relu")
-    data = padded_data(model)
+    data = padded_data(model, **SYNC_DATA)
     plain = tld.collect(model, data, sites=["resid_pre"], progress=False)
     with pytest.raises(BadInputError, match="head_sync=True"):
         head_sync(plain, 0)
@@ -338,4 +333,4 @@ def test_missing_sums_name_the_collect_flag(tmp_path):
 def test_non_elementwise_activation_is_refused_before_running():
     model = make_tiny_model("solu_ln")
     with pytest.raises(BadInputError, match="act_fn"):
-        tld.collect(model, padded_data(model), sites=SITE, neuron_sync=True, progress=False)
+        tld.collect(model, padded_data(model, **SYNC_DATA), sites=SITE, neuron_sync=True, progress=False)

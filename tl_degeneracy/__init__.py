@@ -20,16 +20,28 @@ from typing import Any
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, ModelShape, load_model, parameter_masks, parameter_selections
 from tl_degeneracy.analysis import (
+    DimCurve,
     HeadSync,
     InteractionBasis,
     NeuronSync,
+    directions_needed,
     head_sync,
     interaction_bases,
     interaction_basis,
     neuron_sync,
     pca_basis,
 )
-from tl_degeneracy.collection import MemoryPlan, collect, plan_memory
+from tl_degeneracy.collection import (
+    AblationCurve,
+    MemoryPlan,
+    ablation_curve,
+    ablation_curves,
+    collect,
+    full_stream_hooks,
+    measure_loss,
+    measure_losses,
+    plan_memory,
+)
 from tl_degeneracy.data import (
     TokenBatch,
     TokenBatches,
@@ -40,22 +52,38 @@ from tl_degeneracy.data import (
 )
 from tl_degeneracy.errors import (
     BadInputError,
+    CorruptFileError,
+    FormatVersionError,
     IncompatibleStatsError,
     NonFiniteError,
     SamplerDivergedError,
     TLDegeneracyError,
     UnknownHookError,
 )
-from tl_degeneracy.llc import LLCResult, LLCScaleSweep, estimate_llc, llc_scale_sweep, sgld_llc
+from tl_degeneracy.llc import (
+    LLCCalibration,
+    LLCResult,
+    LLCScaleSweep,
+    calibrate_llc,
+    estimate_llc,
+    llc_scale_sweep,
+    sgld_llc,
+)
+from tl_degeneracy.llc.parallel import estimate_llc_distributed, llc_scale_sweep_distributed
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
 __all__ = [
     "SITE_KINDS",
+    "AblationCurve",
     "BadInputError",
+    "DimCurve",
     "HeadSync",
     "IncompatibleStatsError",
+    "CorruptFileError",
+    "FormatVersionError",
     "InteractionBasis",
+    "LLCCalibration",
     "LLCResult",
     "LLCScaleSweep",
     "MemoryPlan",
@@ -70,16 +98,25 @@ __all__ = [
     "TokenBatches",
     "UnknownHookError",
     "__version__",
+    "ablation_curve",
+    "ablation_curves",
     "bundled_data_path",
     "bundled_model_path",
+    "calibrate_llc",
     "collect",
+    "directions_needed",
     "estimate_llc",
+    "full_stream_hooks",
+    "estimate_llc_distributed",
     "head_sync",
     "interaction_bases",
     "interaction_basis",
     "llc_scale_sweep",
+    "llc_scale_sweep_distributed",
     "load_data",
     "load_model",
+    "measure_loss",
+    "measure_losses",
     "neuron_sync",
     "parameter_masks",
     "parameter_selections",

@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -26,13 +28,51 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tl_degeneracy.errors import BadInputError
+from tl_degeneracy.errors import BadInputError, CorruptFileError, FormatVersionError
 
 #: header key of the JSON metadata in every tensor file written by this library
 META_KEY = "tl_degeneracy"
+#: header keys of the checksum of the tensors, the container format version and the writer's version
+CHECKSUM_KEY = "tl_degeneracy.sha256"
+FORMAT_KEY = "tl_degeneracy.io_format"
+WRITER_KEY = "tl_degeneracy.writer"
+#: version of the container written here (header keys, checksum); a reader refuses a newer one
+IO_FORMAT = 1
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("tl_degeneracy")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree without metadata
+        return "unknown"
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` over every tensor's name, dtype, shape and bytes, in name order (independent of how
+    safetensors lays the file out, so it is recomputed from the loaded tensors)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def check_format(found: Any, supported: int, path: str | os.PathLike, *, writer: str | None = None,
+                 what: str = "file") -> None:
+    """Refuse a file whose format version ``found`` is newer than ``supported``, naming the version to install."""
+    if isinstance(found, int) and found > supported:
+        by = f"tl_degeneracy {writer}" if writer else "a newer tl_degeneracy"
+        need = f"pip install 'tl_degeneracy>={writer}'" if writer and writer != "unknown" else \
+            "upgrade tl_degeneracy (pip install -U tl_degeneracy)"
+        raise FormatVersionError(
+            f"'{path}' is a {what} of format version {found}, written by {by}; this installation "
+            f"(tl_degeneracy {_library_version()}) reads up to version {supported}: {need}"
+        )
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -84,9 +124,18 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1, sort_keys:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file written by :func:`write_json`."""
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """Read a JSON file written by :func:`write_json`; a missing, unreadable or corrupted file raises a typed
+    error naming it (:class:`BadInputError` / :class:`CorruptFileError`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"no {what} at '{p}'")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(
+            f"'{p}' is not a valid {what} (corrupted or truncated: {err}); delete it and recompute it"
+        ) from None
 
 
 def tensor_path(path: str | os.PathLike) -> Path:
@@ -109,14 +158,16 @@ def save_tensors(
         ptr = t.untyped_storage().data_ptr()
         cpu[k] = t.clone() if ptr in storages else t  # safetensors refuses tensors sharing memory
         storages.add(ptr)
-    header = None
+    checksum = tensors_checksum(cpu)
+    header = {CHECKSUM_KEY: checksum, FORMAT_KEY: str(IO_FORMAT), WRITER_KEY: _library_version()}
     text = None
     if meta is not None:
         text = json.dumps(meta, indent=1, sort_keys=sort_keys)
-        header = {header_key: text}
+        header[header_key] = text
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=header))
     if sidecar and text is not None:
-        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text + "\n"))
+        side = json.dumps({**meta, "sha256": checksum}, indent=1, sort_keys=sort_keys)
+        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(side + "\n"))
     return path
 
 
@@ -125,16 +176,53 @@ def load_tensors(
     what: str = "tl_degeneracy file",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Read a tensor file: its tensors and the JSON metadata under the first of ``header_keys`` present
-    (``None`` when the header has none of them). ``path`` may omit the ``.safetensors`` suffix."""
+    (``None`` when the header has none of them). ``path`` may omit the ``.safetensors`` suffix.
+
+    The tensors are checked against the checksum the writer put in the header (files without one, written
+    by other tools or older versions, are read unchecked); a file that is not safetensors, truncated,
+    bit-flipped or of a newer format raises :class:`CorruptFileError` / :class:`FormatVersionError` naming it.
+    """
     p = Path(path)
     if not p.exists() and tensor_path(p).exists():
         p = tensor_path(p)
     if not p.is_file():
         raise BadInputError(f"no {what} at '{p}'")
-    with safe_open(str(p), framework="pt", device=str(device)) as f:
-        header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(
+            f"'{p}' is not a readable safetensors {what} (truncated, corrupted or another kind of file: "
+            f"{' '.join(str(err).split())[:200]}); delete it and recompute it"
+        ) from None
+    try:
+        found = int(header.get(FORMAT_KEY, IO_FORMAT))
+    except ValueError:
+        found = None
+    check_format(found, IO_FORMAT, p, writer=header.get(WRITER_KEY), what=what)
+    expected = header.get(CHECKSUM_KEY)
+    if expected is not None and tensors_checksum(tensors) != expected:
+        raise CorruptFileError(
+            f"'{p}' fails its checksum: its tensors changed on disk since they were written (bit flip, partial "
+            "copy); delete it and recompute it"
+        )
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     for key in header_keys:
         if key in header:
-            return tensors, json.loads(header[key])
+            try:
+                return tensors, json.loads(header[key])
+            except json.JSONDecodeError as err:
+                raise CorruptFileError(f"'{p}': its metadata is not valid JSON ({err}); recompute it") from None
     return tensors, None
+
+
+def verify_tensor_file(path: str | os.PathLike) -> str | None:
+    """Why the tensor file at ``path`` cannot be trusted (missing, unreadable, checksum), or None when it reads
+    back as written. What stage markers check before calling a stage up to date."""
+    try:
+        load_tensors(path)
+    except BadInputError as err:
+        return str(err)
+    return None

@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,23 +23,41 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
-from safetensors.torch import load_file
 
+from tl_degeneracy._io import load_tensors, tensors_checksum
 from tl_degeneracy.adapter import as_adapter, load_tokenizer
 from tl_degeneracy.errors import BadInputError
 
-#: folder of the data shipped with the project (the bundled model and token files); the repository's
-#: ``data/`` (a source checkout or an editable install), or ``$TL_DEGENERACY_DATA`` when set
-DATA_DIR = Path(os.environ.get("TL_DEGENERACY_DATA", Path(__file__).resolve().parent.parent / "data"))
+#: fewer counted tokens than this fraction of the ``n_tokens`` asked for is refused by :func:`load_data`
+MIN_TOKEN_FRACTION = 0.1
+
+
+def _package_data_dir() -> Path:
+    """The package's own ``tl_degeneracy/bundled/`` folder, found through :mod:`importlib.resources`."""
+    folder = importlib.resources.files("tl_degeneracy").joinpath("bundled")
+    return Path(str(folder))
+
+
+#: folder of the data shipped with the package (the bundled model and token files): the package data
+#: ``tl_degeneracy/bundled/`` (in a wheel as in a source checkout), or ``$TL_DEGENERACY_DATA`` when set
+DATA_DIR = Path(os.environ["TL_DEGENERACY_DATA"]) if os.environ.get("TL_DEGENERACY_DATA") else _package_data_dir()
 
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """One batch: ``tokens`` [B, T] ids, ``mask`` [B, T] which positions count, ``index`` its place in order."""
+    """One batch: ``tokens`` [B, T] ids, ``mask`` [B, T] the counted positions (whose activations enter every
+    statistic), ``index`` its place in order, ``outputs`` [B, T] the output positions whose logits define the
+    behavioral loss and the Jacobian metric (SPEC §5b; ``None``: the counted positions)."""
 
     tokens: Int[torch.Tensor, "batch pos"]
     mask: Bool[torch.Tensor, "batch pos"]
     index: int
+    outputs: Bool[torch.Tensor, "batch pos"] | None = None
+
+    @property
+    def output_mask(self) -> Bool[torch.Tensor, "batch pos"]:
+        """The output positions (the counted positions unless the batches were built with ``outputs=``)."""
+        return self.mask if self.outputs is None else self.outputs
 
 
 @dataclass
@@ -48,14 +68,25 @@ class TokenBatches:
     mask: Bool[torch.Tensor, "rows pos"]
     batch_size: int
     description: dict[str, Any] = field(default_factory=dict)
+    #: output positions [rows, T] (SPEC §5b); ``None``: the counted positions (``mask``)
+    outputs: Bool[torch.Tensor, "rows pos"] | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.shape != self.mask.shape or self.tokens.ndim != 2:
             raise BadInputError(
                 f"tokens {tuple(self.tokens.shape)} and mask {tuple(self.mask.shape)} must both be [rows, T]"
             )
+        if self.outputs is not None and self.outputs.shape != self.mask.shape:
+            raise BadInputError(f"outputs {tuple(self.outputs.shape)} must match mask {tuple(self.mask.shape)}")
         if self.batch_size < 1:
             raise BadInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tokens.dtype.is_floating_point or self.tokens.dtype.is_complex or self.tokens.dtype == torch.bool:
+            raise BadInputError(
+                f"tokens must be integer ids, got dtype {self.tokens.dtype}; convert with .long() after checking "
+                "that every id is a whole number"
+            )
+        if self.mask.dtype != torch.bool:
+            raise BadInputError(f"mask must be a bool tensor, got dtype {self.mask.dtype}")
 
     def __len__(self) -> int:
         return -(-self.tokens.shape[0] // self.batch_size)
@@ -63,7 +94,16 @@ class TokenBatches:
     def __iter__(self) -> Iterator[TokenBatch]:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            yield TokenBatch(self.tokens[sl], self.mask[sl], i)
+            yield TokenBatch(self.tokens[sl], self.mask[sl], i, None if self.outputs is None else self.outputs[sl])
+
+    def with_batch_size(self, batch_size: int) -> TokenBatches:
+        """The same rows and masks in batches of ``batch_size``."""
+        return TokenBatches(self.tokens, self.mask, batch_size, self.description, self.outputs)
+
+    @property
+    def output_mask(self) -> Bool[torch.Tensor, "rows pos"]:
+        """The output positions of every row (the counted positions unless built with ``outputs=``)."""
+        return self.mask if self.outputs is None else self.outputs
 
     @property
     def seq_len(self) -> int:
@@ -82,7 +122,15 @@ class TokenBatches:
             "batch_size": self.batch_size,
             "n_batches": len(self),
             "n_counted": self.n_counted,
+            **({} if self.outputs is None else {"n_outputs": int(self.outputs.sum())}),
+            "fingerprint": self.fingerprint,
         }
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the ids and the mask: the identity of the data in statistics, checkpoints and markers."""
+        parts = {"tokens": self.tokens.long(), "mask": self.mask}
+        return tensors_checksum(parts if self.outputs is None else {**parts, "outputs": self.outputs})
 
     def validate_for(self, model: Any) -> None:
         """Check ids and length against a model (the model may differ from the one that built the batches)."""
@@ -91,21 +139,28 @@ class TokenBatches:
 
 
 def bundled_model_path() -> Path:
-    """Folder of the small GPT-2 trained on the Python standard library that ships in ``data/``.
+    """Folder of the small GPT-2 trained on the Python standard library that ships with the package.
+
+    It is package data (``tl_degeneracy/bundled/stdlib-gpt2``), so a plain ``pip install`` of the wheel has it;
+    ``$TL_DEGENERACY_DATA`` points elsewhere (a folder holding ``stdlib-gpt2/`` and the token files).
 
     Load it offline with ``tld.load_model(tld.bundled_model_path())``.
     """
     path = DATA_DIR / "stdlib-gpt2"
     if not (path / "config.json").exists():
         raise BadInputError(
-            f"the bundled model is not at '{path}': use a source checkout of tl_degeneracy (pip install -e .) "
-            "or set TL_DEGENERACY_DATA to the folder holding stdlib-gpt2/"
+            f"the bundled model is not at '{path}': reinstall tl-degeneracy (its wheel carries the model) "
+            "or set TL_DEGENERACY_DATA to a folder holding stdlib-gpt2/"
         )
     return path
 
 
 def bundled_data_path(name: str = "stdlib-heldout") -> Path:
-    """Path of a token file shipped in ``data/`` (``name`` without the ``.safetensors`` suffix)."""
+    """Path of a token file shipped with the package (``name`` without the ``.safetensors`` suffix).
+
+    Example: ``tld.bundled_data_path()`` is the held-out stream ``stdlib-heldout.safetensors``;
+    ``tld.bundled_data_path("stdlib-train-sample")`` the first tokens of the training stream.
+    """
     return DATA_DIR / f"{name}.safetensors"
 
 
@@ -120,6 +175,8 @@ def token_batches(
     prepend_bos: bool = True,
     attention_mask: torch.Tensor | None = None,
     text_column: str | None = None,
+    count: str | torch.Tensor | None = None,
+    outputs: str | torch.Tensor = "counted",
 ) -> TokenBatches:
     """Token batches from a LongTensor, a list of strings, a ``datasets.Dataset`` or a token file.
 
@@ -134,8 +191,18 @@ def token_batches(
     - a path or bundled name (``"stdlib-heldout"``): a ``.safetensors`` file whose ``"tokens"`` entry is a
       1-D token stream, chunked as above.
 
-    The first position of each row is the BOS position and is excluded unless ``include_bos``. ``n_tokens``
-    caps the number of counted tokens exactly (later rows are dropped, the last kept row is cut).
+    Positions (SPEC §5b, §6). ``count`` chooses the *counted* positions, whose activations enter every
+    statistic: ``None`` (default) every non-padding position but the first of each row (the BOS position;
+    ``include_bos=True`` keeps it), ``"all"`` every non-padding position, ``"last"`` the last non-padding
+    position of each row, or a boolean mask [T] or [rows, T]. ``outputs`` chooses the *output* positions,
+    whose logits define the behavioral loss, the Jacobian metric F and the probes: ``"counted"`` (default)
+    the counted positions, ``"last"``, or a mask. Padding never counts in either. ``n_tokens`` caps the number
+    of counted tokens exactly (later rows are dropped, the last kept row is cut).
+
+    Example (a modular-addition model read at its answer): every position's activations, the loss at the
+    last one only::
+
+        data = tld.token_batches(model, tokens, batch_size=256, count="all", outputs="last")
     Raises :class:`BadInputError` before anything runs: ids outside the vocabulary, ``seq_len`` above
     ``n_ctx``, no counted token, text given to a model without a tokenizer.
     """
@@ -177,10 +244,7 @@ def token_batches(
         path = Path(source) if Path(source).exists() else bundled_data_path(str(source))
         if not path.exists():
             raise BadInputError(f"token file '{source}' not found")
-        entries = load_file(str(path))
-        if "tokens" not in entries or entries["tokens"].ndim != 1:
-            raise BadInputError(f"'{path}' must hold a 1-D 'tokens' entry (a token stream)")
-        tokens, pad = _chunk(entries["tokens"].long(), seq_len, bos, pad_id)
+        tokens, pad = _chunk(_token_stream(path), seq_len, bos, pad_id)
         desc = {"source": "token file", "path": str(path)}
     elif isinstance(source, str):
         raise BadInputError(
@@ -197,14 +261,83 @@ def token_batches(
         tokens, pad = _chunk(torch.tensor(stream, dtype=torch.long), seq_len, bos, pad_id)
         desc = {**desc, "tokenizer": getattr(adapter.tokenizer, "name_or_path", None)}
 
-    mask = ~pad
-    if not include_bos:
-        mask[:, 0] = False
+    if include_bos and count is not None:
+        raise BadInputError("pass either include_bos=True or count=..., not both (count='all' includes BOS)")
+    mask = _positions(~pad, "all" if include_bos else count, what="count")
+    out_mask = None if isinstance(outputs, str) and outputs == "counted" else _positions(~pad, outputs,
+                                                                                         what="outputs")
     if n_tokens is not None:
+        before = mask
         tokens, mask = _cap(tokens, mask, n_tokens)
+        if out_mask is not None:
+            out_mask = out_mask[: tokens.shape[0]].clone()
+            last_row = tokens.shape[0] - 1
+            if last_row >= 0 and not torch.equal(mask[last_row], before[last_row]):
+                # the cap cut the last row after its last kept counted token: its outputs are cut there too
+                out_mask[last_row, int(mask[last_row].nonzero().max()) + 1:] = False
     _validate(tokens, mask, adapter.d_vocab, adapter.n_ctx)
-    desc.update({"include_bos": include_bos, "prepend_bos": bos is not None, "n_tokens_cap": n_tokens})
-    return TokenBatches(tokens, mask, batch_size, desc)
+    if out_mask is not None and not bool(out_mask.any()):
+        raise BadInputError("no output positions: the outputs= mask selects no non-padding position")
+    desc.update({"include_bos": include_bos, "prepend_bos": bos is not None, "n_tokens_cap": n_tokens,
+                 "count": _describe_positions(count, include_bos), "outputs": _describe_positions(outputs, False)})
+    return TokenBatches(tokens, mask, batch_size, desc, out_mask)
+
+
+def _positions(real: Bool[torch.Tensor, "rows pos"], choice: str | torch.Tensor | None, *,
+               what: str) -> Bool[torch.Tensor, "rows pos"]:
+    """Positions of ``real`` (non-padding) chosen by ``choice`` (see :func:`token_batches`)."""
+    if choice is None:  # every real position but the first (BOS) of each row
+        out = real.clone()
+        out[:, 0] = False
+        return out
+    if isinstance(choice, str):
+        if choice == "all":
+            return real.clone()
+        if choice == "last":
+            last = real.long().cumsum(1).argmax(1)  # the first position reaching the row's count
+            out = torch.zeros_like(real)
+            has = real.any(1)
+            out[has.nonzero().squeeze(1), last[has]] = True
+            return out
+        options = "'all', 'last'" + (", None" if what == "count" else ", 'counted'")
+        raise BadInputError(f"{what}={choice!r} is not a position choice; pass {options} or a boolean mask")
+    if not isinstance(choice, torch.Tensor) or choice.dtype != torch.bool:
+        raise BadInputError(f"{what}= must be a string or a boolean mask [T] or [rows, T], got {type(choice).__name__}"
+                            + (f" of dtype {choice.dtype}" if isinstance(choice, torch.Tensor) else ""))
+    m = choice.cpu()
+    if m.ndim == 1:
+        m = m.expand_as(real) if m.shape[0] == real.shape[1] else m
+    if m.shape != real.shape:
+        raise BadInputError(f"{what} mask {tuple(choice.shape)} must be [T] = [{real.shape[1]}] or [rows, T] = "
+                            f"{list(real.shape)}")
+    return m & real
+
+
+def _describe_positions(choice: str | torch.Tensor | None, include_bos: bool) -> str:
+    if include_bos:
+        return "all"
+    if choice is None:
+        return "all but the first (BOS) position"
+    if isinstance(choice, str):
+        return choice
+    return f"mask of {int(choice.sum())} positions, shape {list(choice.shape)}"
+
+
+def _token_stream(path: Path) -> torch.Tensor:
+    """The 1-D ``"tokens"`` entry of a token file as int64; float ids must be whole numbers."""
+    entries, _ = load_tensors(path, what="token file")
+    stream = entries.get("tokens")
+    if stream is None or stream.ndim != 1:
+        raise BadInputError(f"'{path}' must hold a 1-D 'tokens' entry (a token stream)")
+    if stream.dtype.is_floating_point:
+        if not bool(torch.isfinite(stream).all()) or bool((stream != stream.round()).any()):
+            raise BadInputError(
+                f"'{path}' holds float token ids that are not whole numbers; token ids are integers: "
+                "write the file with an integer dtype (e.g. tokens.long())"
+            )
+    elif stream.dtype == torch.bool or stream.dtype.is_complex:
+        raise BadInputError(f"'{path}': 'tokens' has dtype {stream.dtype}; token ids are integers")
+    return stream.long()
 
 
 def _texts(source: Any, text_column: str | None) -> tuple[list[str], dict[str, Any]]:
@@ -314,20 +447,52 @@ def load_data(model: Any, source: str | None, *, seq_len: int, batch_size: int,
     if path.suffix == ".safetensors" and path.is_file():
         texts = _bundled_texts_for(model, path)
         if texts is None:
-            return token_batches(model, path, **kwargs)
+            return _enough(token_batches(model, path, **kwargs), n_tokens, source)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise BadInputError(f"--data folder '{path}' holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        texts = [p.read_text(errors="replace") for p in files]
+        texts = [_read_text(p) for p in files]
     elif path.is_file():
-        texts = [path.read_text(errors="replace")]
+        texts = [_read_text(path)]
     else:
         raise BadInputError(
             f"--data '{source}': no such file or folder, and no bundled data set of that name in "
             f"{bundled_data_path(str(source)).parent}"
         )
-    return _texts_to_batches(model, texts, **kwargs)
+    return _enough(_texts_to_batches(model, texts, **kwargs), n_tokens, source)
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; an empty or binary file (NUL bytes, not UTF-8) is refused."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise BadInputError(f"--data file '{path}' is empty; give a file with text in it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise BadInputError(
+            f"--data file '{path}' is not UTF-8 text (a binary file?); give a text file, a folder of text "
+            "files or a .safetensors token file"
+        )
+    return text
+
+
+def _enough(batches: TokenBatches, n_tokens: int | None, source: Any) -> TokenBatches:
+    """Warn when the data holds fewer counted tokens than asked for; refuse below ``MIN_TOKEN_FRACTION``."""
+    if n_tokens is None or batches.n_counted >= n_tokens:
+        return batches
+    have = batches.n_counted
+    if have < MIN_TOKEN_FRACTION * n_tokens:
+        raise BadInputError(
+            f"--data '{source}' gives {have} counted tokens, under {MIN_TOKEN_FRACTION:.0%} of the {n_tokens} asked "
+            f"for; give more data or lower --n-tokens to at most {have}"
+        )
+    warnings.warn(f"--data '{source}' gives {have} counted tokens, fewer than the {n_tokens} asked for; "
+                  f"the statistics use {have}", stacklevel=3)
+    return batches
 
 
 def _texts_to_batches(model: Any, texts: list[str], *, n_tokens: int | None, **kwargs: Any) -> TokenBatches:
@@ -363,7 +528,7 @@ def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
         return None
     if tokenizer is None or tokenizer.get_vocab() == bundled.get_vocab():
         return None
-    stream = load_file(str(path))["tokens"].long()
+    stream = _token_stream(path)
     eot = bundled.eos_token_id
     cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
     texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -26,3 +26,16 @@ class IncompatibleStatsError(TLDegeneracyError, ValueError):
 
 class SamplerDivergedError(TLDegeneracyError, FloatingPointError):
     """An SGLD chain diverged or produced NaN; lower the step size."""
+
+
+class CorruptFileError(BadInputError):
+    """A result or input file that cannot be read back as written: truncated, bit-flipped, not safetensors,
+    not JSON, or failing its checksum."""
+
+
+class FormatVersionError(BadInputError):
+    """A file written in a newer format than this installation reads; the message names the version to install."""
+
+
+class RunFolderError(BadInputError):
+    """A run folder that is not ours (someone else's files), or is in use by another run."""

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_degeneracy._io import META_KEY, load_tensors, save_tensors
+from tl_degeneracy._io import META_KEY, check_format, load_tensors, save_tensors
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 
 # metadata entries that must agree for totals to be added (merge) or continued (resume)
@@ -176,11 +176,27 @@ class Stats:
         each give an unbiased M per token, so their totals add (``meta["merged_from"]`` keeps both settings).
         """
         self._check_compatible(other, "merge")
+        shared = set(self._draws()) & set(other._draws())
+        if other is self or shared:
+            raise IncompatibleStatsError(
+                "cannot merge: both statistics are the same collection (same token data "
+                f"{sorted(shared or self._draws())[0][:19]}... and the same probe seed), so it would count twice; "
+                "merge statistics of other data, or Jacobian runs with another seed"
+            )
         out = Stats({k: v.clone() for k, v in self.tensors.items()}, copy.deepcopy(self.meta))
         out.add_(other.tensors)
         out.meta["n_tokens"] = self.n_tokens + other.n_tokens
         out.meta["merged_from"] = [_data_summary(self), _data_summary(other)]
+        out.meta["draws"] = [*self._draws(), *other._draws()]
         return out
+
+    def _draws(self) -> list[str]:
+        """``{data fingerprint}|seed{s}`` of each collection merged into these totals: one collection twice
+        is the same sample counted twice (other seeds on the same data are new probe draws)."""
+        if "draws" in self.meta:
+            return list(self.meta["draws"])
+        fp = (self.meta.get("data") or {}).get("fingerprint")
+        return [f"{fp}|seed{(self.meta.get('jacobian') or {}).get('seed')}"] if fp else []
 
     # ---- storage --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -202,6 +218,8 @@ class Stats:
         tensors, meta = load_tensors(path, header_keys=(META_KEY,), what="statistics file")
         if meta is None:
             raise BadInputError(f"'{path}' is not a tl_degeneracy statistics file")
+        check_format(meta.get("format"), FORMAT_VERSION, path, writer=meta.get("library_version"),
+                     what="statistics file")
         return cls(tensors, meta)
 
     def __repr__(self) -> str:

@@ -27,20 +27,31 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
-from tl_degeneracy.errors import BadInputError, NonFiniteError
+from tl_degeneracy._io import (
+    check_format,
+    load_tensors,
+    read_json,
+    save_tensors,
+    tensor_path,
+    tensors_checksum,
+    write_json,
+)
+from tl_degeneracy.analysis.ablation import predicted_kl, projection_hook
+from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
-__all__ = ["InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
+__all__ = ["DimCurve", "InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
 
 Scaling = Literal["sqrt_lambda", "inv_sqrt_lambda", "whitened"]
 _SCALINGS = ("sqrt_lambda", "inv_sqrt_lambda", "whitened")
@@ -53,6 +64,52 @@ _EPS64 = torch.finfo(torch.float64).eps
 _FORMAT = "tl_degeneracy.InteractionBasis"
 _FORMAT_VERSION = 1
 _TENSOR_FIELDS = ("C", "C_pinv", "lambdas", "all_lambdas", "gram_eigenvalues", "mean")
+
+
+class DimCurve(NamedTuple):
+    """Kept dimension against the noise scale ε (what :meth:`InteractionBasis.dim_curve` returns).
+
+    A named tuple, so ``eps, dims = ib.dim_curve()`` and ``ib.dim_curve()[1]`` work as for a plain pair.
+
+    Attributes:
+        eps: ``[n]`` float64 tolerances ε (ascending on the default grid).
+        dims: ``[n]`` int64, ``dims[i]`` = number of Λ above ``max(eps[i], lambda_floor)``.
+
+    Example::
+
+        >>> ib = interaction_basis(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)),
+        ...                        torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64)))   # Λ = 9, 4
+        >>> curve = ib.dim_curve(torch.tensor([0.0, 5.0]))
+        >>> curve
+        DimCurve(2 points: eps 0 → 5, dim 2 → 1)
+        >>> curve.to_dataframe().columns.tolist()
+        ['eps', 'dim']
+    """
+
+    eps: Float[Tensor, " n"]
+    dims: Tensor
+
+    def __repr__(self) -> str:
+        n = int(self.eps.numel())
+        if n == 0:
+            return "DimCurve(0 points)"
+        return (
+            f"DimCurve({n} points: eps {self.eps[0].item():.3g} → {self.eps[-1].item():.3g}, "
+            f"dim {int(self.dims[0])} → {int(self.dims[-1])})"
+        )
+
+    def to_dataframe(self) -> Any:
+        """A ``pandas.DataFrame`` with columns ``eps`` and ``dim`` (needs pandas: ``pip install pandas``)."""
+        pd = _pandas()
+        return pd.DataFrame({"eps": self.eps.tolist(), "dim": [int(x) for x in self.dims.tolist()]})
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as err:
+        raise ImportError("to_dataframe() needs pandas, which is not installed: pip install pandas") from err
+    return pandas
 _SCALAR_FIELDS = ("kind", "scaling", "rank_G", "rtol", "atol", "gram_tol", "lambda_tol", "lambda_floor")
 
 
@@ -100,6 +157,8 @@ class InteractionBasis:
     gram_tol: float
     lambda_tol: float
     lambda_floor: float
+    #: fingerprints of the statistics it was computed from (model weights, token data), when known
+    source: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def dim(self) -> int:
@@ -146,6 +205,39 @@ class InteractionBasis:
         mu = self.mean.to(f.device)
         return (f.to(torch.float64) @ C_pinv.T + mu).to(out_dtype)
 
+    def ablation_hooks(
+        self, site: str, *, keep: int, mask: Tensor | None = None
+    ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+        """Forward hooks that keep only the top ``keep`` directions of this basis at ``site`` (SPEC §5c).
+
+        Every position's activation a (or those where ``mask`` [B, T] is true) becomes
+        ``μ + C⁺[:, :k] C[:k] (a − μ)``: the dropped directions and the ones the basis discarded at its
+        tolerance are replaced by their mean. Use with ``model.hooks(fwd_hooks=...)`` on either
+        TransformerLens major; on 4.x ``hook_resid_mid`` feeds only the MLP, so wrap the hooks with
+        :func:`tl_degeneracy.full_stream_hooks` there (the hook refuses to run otherwise).
+
+        Example::
+
+            with model.hooks(fwd_hooks=ib.ablation_hooks("blocks.0.hook_resid_pre", keep=4)):
+                logits = model(tokens)
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise BadInputError(f"keep must be an int in 0..{self.dim}; for a subset use projection_hooks")
+        return [(site, projection_hook(self, site, keep, mask=mask))]
+
+    def projection_hooks(
+        self, site: str, *, keep: Sequence[int], mask: Tensor | None = None
+    ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+        """Like :meth:`ablation_hooks`, keeping the directions with the given indices (any subset)."""
+        if isinstance(keep, int):
+            raise BadInputError("projection_hooks takes a list of direction indices; for the top k use ablation_hooks")
+        return [(site, projection_hook(self, site, list(keep), mask=mask))]
+
+    def predicted_kl(self, G_c: Tensor, M: Tensor, keep: int | Sequence[int]) -> Tensor:
+        """``½ tr(M (I − P_k) G_c (I − P_k)ᵀ)`` for each k of ``keep``: the quadratic prediction of the KL of
+        keeping the top k directions (SPEC §5c; :func:`tl_degeneracy.analysis.ablation.predicted_kl`)."""
+        return predicted_kl(self, G_c, M, keep)
+
     def dim_at(self, eps: float) -> int:
         """Kept dimension at absolute tolerance ε: ``#{λ ∈ all_lambdas : λ > max(ε, lambda_floor)}``.
 
@@ -155,10 +247,11 @@ class InteractionBasis:
 
     def dim_curve(
         self, eps_grid: Float[Tensor, " n"] | None = None, *, n_points: int = 64
-    ) -> tuple[Float[Tensor, " n"], Tensor]:
+    ) -> DimCurve:
         """Kept dimension as a function of the absolute tolerance ε (the paper's noise scale, §2.2.2).
 
-        Returns ``(eps, dims)``: ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
+        Returns a :class:`DimCurve` ``(eps, dims)`` (a named tuple: unpack it as a pair):
+        ``dims[i] = dim_at(eps[i])`` (int64), non-increasing in ε. The default grid is
         ``n_points`` log-spaced values ascending from the float64 noise floor (``lambda_floor``, at least
         ``ε₆₄·λ_max``) to the largest eigenvalue ``λ_max`` (where the dimension is 0); it is empty when
         no eigenvalue is positive.
@@ -178,7 +271,22 @@ class InteractionBasis:
         eps_grid = torch.as_tensor(eps_grid, dtype=torch.float64).reshape(-1).cpu()
         thresholds = eps_grid.clamp(min=self.lambda_floor)
         dims = (spectrum.cpu()[None, :] > thresholds[:, None]).sum(dim=1)
-        return eps_grid, dims
+        return DimCurve(eps_grid, dims)
+
+    def to_dataframe(self) -> Any:
+        """The spectrum as a ``pandas.DataFrame``: one row per eigenvalue of ``all_lambdas`` (descending).
+
+        Columns: ``index``, ``lambda``, ``kept`` (counted in ``dim``), ``above_floor`` (above the float64
+        noise floor ``lambda_floor``; values below it are rounding, not data). Needs pandas.
+        """
+        pd = _pandas()
+        lam = self.all_lambdas.to(torch.float64).cpu()
+        return pd.DataFrame({
+            "index": list(range(lam.numel())),
+            "lambda": lam.tolist(),
+            "kept": [i < self.dim for i in range(lam.numel())],
+            "above_floor": (lam > self.lambda_floor).tolist(),
+        })
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (the tensors) and ``<path>.json`` (everything else); no pickle.
@@ -186,26 +294,42 @@ class InteractionBasis:
         ``path`` may end in ``.safetensors`` or have no such suffix. Returns the tensor file's path.
         """
         t_path, json_path = _paths(path)
-        save_tensors(t_path, {name: getattr(self, name) for name in _TENSOR_FIELDS}, sidecar=False)
+        # a PCA basis is orthonormal (C⁺ = Cᵀ): its C_pinv is not stored, and load() rebuilds it
+        skip = {"C_pinv"} if self.kind == "pca" else set()
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS if name not in skip}
+        save_tensors(t_path, tensors, sidecar=False)
         meta: dict[str, Any] = {"format": _FORMAT, "version": _FORMAT_VERSION}
         meta.update({name: getattr(self, name) for name in _SCALAR_FIELDS})
+        meta["source"] = self.source
+        meta["sha256"] = tensors_checksum(tensors)
         write_json(json_path, meta, indent=2, nan_to_null=False)
         return t_path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> InteractionBasis:
-        """Read a basis written by :meth:`save` (bit for bit)."""
+        """Read a basis written by :meth:`save` (bit for bit; a PCA basis's ``C_pinv`` is rebuilt as ``Cᵀ``).
+
+        Files that hold ``C_pinv`` for a PCA basis (written before it was left out) load as before.
+        """
         t_path, json_path = _paths(path)
         if not t_path.exists() or not json_path.exists():
             raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionBasis.save")
-        meta = read_json(json_path)
+        meta = read_json(json_path, what="InteractionBasis file")
+        if meta.get("format") == _FORMAT:
+            check_format(meta.get("version"), _FORMAT_VERSION, json_path, writer=meta.get("library_version"),
+                         what="InteractionBasis file")
         if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
             raise BadInputError(
                 f"{json_path} is not an InteractionBasis file of version {_FORMAT_VERSION} "
                 f"(format={meta.get('format')!r}, version={meta.get('version')!r})"
             )
         tensors, _ = load_tensors(t_path, device=device, what="InteractionBasis tensor file")
-        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS})
+        if meta.get("sha256") not in (None, tensors_checksum(tensors)):
+            raise CorruptFileError(f"{t_path} does not belong to {json_path} (their checksums differ); recompute it")
+        if "C_pinv" not in tensors and meta.get("kind") == "pca" and "C" in tensors:
+            tensors["C_pinv"] = tensors["C"].T.clone()
+        return cls(**{name: tensors[name] for name in _TENSOR_FIELDS}, **{k: meta[k] for k in _SCALAR_FIELDS},
+                   source=meta.get("source"))
 
 
 def interaction_basis(
@@ -280,6 +404,7 @@ def interaction_basis(
     D, Q, k1, gram_tol, _ = _gram_step(G64, mu, rtol)
     Q1, sqrt_D1 = Q[:, :k1], D[:k1].sqrt()  # D₁ > tol_G >= 0
     B = Q1 * sqrt_D1  # Q₁ D₁^{1/2}, [d, k₁]
+    _check_psd(torch.linalg.eigvalsh(M64), "M", 0.0)
     M_tilde = B.T @ M64 @ B
     Lam, P = _eigh_descending((M_tilde + M_tilde.T) / 2)
 
@@ -416,10 +541,20 @@ def interaction_bases(
         mean = stats.mean(site) if center else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            bases[site] = interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling)
+            bases[site] = dataclasses.replace(
+                interaction_basis(G, M, mean=mean, rtol=rtol, atol=atol, scaling=scaling), source=stats_source(stats))
         for w in caught:
             warnings.warn(f"{site}: {w.message}", w.category, stacklevel=2)
     return bases
+
+
+def stats_source(stats: Any) -> dict[str, Any] | None:
+    """The fingerprints a basis records of the statistics it came from: model weights and token data."""
+    meta = getattr(stats, "meta", None)
+    if not isinstance(meta, dict):
+        return None
+    draws = stats._draws() if hasattr(stats, "_draws") else []
+    return {"weights": (meta.get("model") or {}).get("weights"), "data": draws}
 
 
 def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
@@ -439,10 +574,32 @@ def _jacobian_gram_or_raise(stats: Any, site: str) -> Tensor:
 def _gram_step(G: Tensor, mu: Tensor, rtol: float) -> tuple[Tensor, Tensor, int, float, float]:
     """Step 1: G = Q D Qᵀ (descending), k₁ = #{D_i > tol_G}, tol_G and the noise floor of D."""
     D, Q = _eigh_descending(G)
+    _check_psd(D, "G", (mu @ mu).item())
     d_max = max(D[0].item(), 0.0) if D.numel() else 0.0
     floor = _noise_floor(D, _gram_rounding(D, mu))
     gram_tol = max(rtol * d_max, floor)
     return D, Q, int((D > gram_tol).sum().item()), gram_tol, floor
+
+
+#: relative tolerance of the PSD check: statistics summed from float32 products in float64 are PSD to about
+#: ε₃₂·√(tokens per batch) ≈ 1e-6 of their scale (their largest eigenvalue plus ‖μ‖², which centring cancels);
+#: an eigenvalue below −1e-5 of that scale is not rounding, the matrix is not a Gram matrix
+PSD_RTOL = 1e-5
+
+
+def _check_psd(evals: Tensor, name: str, mean_sq: float) -> None:
+    """Refuse a matrix that is not positive-semidefinite within rounding, naming its most negative eigenvalue."""
+    if not evals.numel():
+        return
+    lowest = evals.min().item()
+    tol = PSD_RTOL * (evals.abs().max().item() + mean_sq) + evals.numel() * _EPS64 * (evals.abs().max().item()
+                                                                                      + mean_sq)
+    if lowest < -tol:
+        raise BadInputError(
+            f"{name} is not positive-semidefinite: its most negative eigenvalue is {lowest:.4g}, beyond the "
+            f"rounding tolerance {tol:.3g}; pass a Gram matrix (1/N) Σ x xᵀ (e.g. stats.gram / stats.jacobian_gram), "
+            "not a difference or an estimate of one"
+        )
 
 
 def _gram_rounding(D: Tensor, mu: Tensor) -> float:

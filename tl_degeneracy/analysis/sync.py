@@ -134,6 +134,12 @@ class _SyncResult(abc.ABC):
 
     def labels(self, tau: float, *, measure: str = "distance") -> Int[torch.Tensor, " units"]:
         """Block label of every unit at threshold τ (a block's label is its smallest member)."""
+        try:
+            finite = math.isfinite(float(tau))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise BadInputError(f"the threshold τ must be a finite number, got {tau!r}")
         return single_linkage_labels(self._tree(measure), self.n_units, tau)
 
     def blocks(self, tau: float, *, measure: str = "distance") -> list[list[int]]:

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from tl_degeneracy._io import tensor_path
 from tl_degeneracy._version import __version__
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.components import ActivationMoments, HeadSyncSums, NeuronSyncSums
+from tl_degeneracy.collection.distributed import agree_min, context, init_from_env, run_pass_sharded
 from tl_degeneracy.collection.engine import Component, run_pass
 from tl_degeneracy.collection.jacobian import JacobianMoments
 from tl_degeneracy.collection.memory import available_bytes, plan_memory
@@ -34,14 +36,18 @@ from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import check_layers, resolve_sites
 from tl_degeneracy.stats import Stats
 
+#: backward passes per batch above which collect refuses without ``allow_expensive=True``
+MAX_BACKWARDS_PER_BATCH = 4096
+
 
 def _components(
-    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int,
+    adapter: ModelAdapter, sites: list[str], *, jacobian: str | None, estimator: str, n_probes: int, top_k: int = 8,
     precision: str, head_layers: Sequence[int], neuron_layers: Sequence[int],
 ) -> list[Component]:
     comps: list[Component] = [ActivationMoments(sites)]
     if jacobian is not None and sites:
-        comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes))
+        comps.append(JacobianMoments(adapter, sites, metric=jacobian, estimator=estimator, n_probes=n_probes,
+                                     top_k=top_k))
     if head_layers:
         comps.append(HeadSyncSums(adapter, list(head_layers)))
     if neuron_layers:
@@ -58,6 +64,7 @@ def collect(
     jacobian: str | None = None,
     estimator: str = "probe",
     n_probes: int = 1,
+    top_k: int = 8,
     seed: int = 0,
     head_sync: bool = False,
     neuron_sync: bool = False,
@@ -68,12 +75,17 @@ def collect(
     checkpoint_every: int = 50,
     resume: bool = False,
     progress: bool = True,
+    allow_expensive: bool = False,
+    distributed: bool | None = None,
 ) -> Stats:
     """Stream activation statistics (and optionally Jacobian and synchronisation sums) over the data.
 
     Per site: n, s = Σ_t a_t and S = Σ_t a_t a_tᵀ over counted tokens (SPEC §1), totals in float64. With
     ``jacobian="kl" | "mse"``: Σ_t g_t g_tᵀ with E[g gᵀ] = J_tᵀ F J_t (SPEC §2), K = ``n_probes`` backward
-    passes per batch for all sites together. The model runs in eval mode with frozen parameters (no weight
+    passes per batch for all sites together. ``estimator="topk"`` (KL only; for peaked output distributions):
+    the ``top_k`` largest columns of F^{1/2} exactly plus K tail probes, k + K backward passes per batch
+    (:mod:`tl_degeneracy.collection.probes`); ``"exact"``: T · V backward passes per batch (tiny models).
+    The model runs in eval mode with frozen parameters (no weight
     gradient is ever computed); its mode, ``requires_grad`` flags and the user's own hooks are restored
     afterwards, also after an exception.
 
@@ -89,6 +101,15 @@ def collect(
     ``checkpoint``: a ``.safetensors`` path rewritten atomically every ``checkpoint_every`` batches and at the
     end; ``resume=True`` continues from it (same model, sites, settings and data, else
     :class:`IncompatibleStatsError`), giving the same totals as an uninterrupted run.
+
+    Cost guard: more than :data:`MAX_BACKWARDS_PER_BATCH` backward passes per batch (``n_probes``, or T·V
+    for ``estimator="exact"``) is refused before anything runs unless ``allow_expensive=True``.
+    ``distributed``: ``None`` (default) shards the batches over the ranks when ``torch.distributed`` is
+    initialised; ``True`` also initialises it from the ``torchrun`` environment; ``False`` never shards.
+    Sharded, every rank takes a disjoint share of the batches with the probe seeds of a single-process run,
+    the float64 totals are all-reduced at checkpoints and at the end, every rank returns the same Stats and
+    rank 0 alone writes the checkpoint; a checkpoint resumes with any world size
+    (:mod:`tl_degeneracy.collection.distributed`).
     """
     adapter = as_adapter(model)
     if not isinstance(data, TokenBatches):
@@ -99,19 +120,36 @@ def collect(
         site_list = resolve_sites(adapter, sites)
     if jacobian not in (None, "kl", "mse"):
         raise BadInputError(f"jacobian must be None, 'kl' or 'mse', got {jacobian!r}")
-    if estimator not in ("probe", "exact"):
-        raise BadInputError(f"estimator must be 'probe' or 'exact', got {estimator!r}")
+    if estimator not in ("probe", "exact", "topk"):
+        raise BadInputError(f"estimator must be 'probe', 'exact' or 'topk', got {estimator!r}")
+    if estimator == "topk" and (jacobian != "kl" or top_k < 1):
+        raise BadInputError(f"estimator='topk' needs jacobian='kl' and top_k >= 1, got {jacobian!r}, top_k={top_k}")
     if precision not in ("accurate", "fast"):
         raise BadInputError(f"precision must be 'accurate' or 'fast', got {precision!r}")
     if n_probes < 1:
         raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
+    if jacobian is not None and not allow_expensive:
+        backwards = data.seq_len * adapter.d_vocab if estimator == "exact" else n_probes
+        if backwards > MAX_BACKWARDS_PER_BATCH:
+            what = (f"estimator='exact' needs T·V = {data.seq_len}·{adapter.d_vocab}" if estimator == "exact"
+                    else f"n_probes={n_probes} needs {n_probes}")
+            raise BadInputError(
+                f"{what} = {backwards} backward passes per batch of {len(data)} batches (hours or days); "
+                f"at most {MAX_BACKWARDS_PER_BATCH} run without asking: use estimator='probe' with a few probes, "
+                "or pass allow_expensive=True"
+            )
     if checkpoint_every < 1:
         raise BadInputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if resume and checkpoint is None:
         raise BadInputError("resume=True needs checkpoint= (the path the interrupted run wrote)")
+    if checkpoint is not None:  # Stats.save appends .safetensors: resume must look where it was written
+        checkpoint = tensor_path(checkpoint)
+    if distributed not in (None, True, False):
+        raise BadInputError(f"distributed must be None, True or False, got {distributed!r}")
+    ctx = init_from_env() if distributed else context() if distributed is None else None
     layers = list(range(adapter.n_layers)) if sync_layers is None else check_layers(
         adapter, sync_layers, what="sync_layers", sort=False)
-    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, precision=precision)
+    settings = dict(jacobian=jacobian, estimator=estimator, n_probes=n_probes, top_k=top_k, precision=precision)
     comps = _components(adapter, site_list, head_layers=layers if head_sync else [],
                         neuron_layers=layers if neuron_sync else [], **settings)
     adapter.check_hooks([n for c in comps for n in c.hook_names()])
@@ -119,17 +157,19 @@ def collect(
     plan = plan_memory(adapter, site_list, batch_size=data.batch_size, seq_len=data.seq_len,
                        jacobian=jacobian is not None, head_sync_layers=layers if head_sync else (),
                        neuron_sync_layers=layers if neuron_sync else (), precision=precision,
-                       budget_bytes=_budget(memory_budget, adapter.device))
+                       budget_bytes=_budget(memory_budget, adapter.device) if ctx is None else
+                       agree_min(_budget(memory_budget, adapter.device), ctx=ctx))
     if plan.notes:
         warnings.warn(plan.describe(), stacklevel=2)
     if plan.batch_size != data.batch_size:
-        data = TokenBatches(data.tokens, data.mask, plan.batch_size, data.description)
+        data = data.with_batch_size(plan.batch_size)
 
     meta = {
-        "model": adapter.describe(),
+        "model": {**adapter.describe(), "weights": adapter.weights_fingerprint()},  # resume/merge compare it
         "sites": site_list,
         "jacobian": {"metric": jacobian, "estimator": estimator if jacobian else None,
-                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None},
+                     "n_probes": n_probes if jacobian else None, "seed": seed if jacobian else None,
+                     **({"top_k": top_k} if jacobian and estimator == "topk" else {})},
         "head_sync": layers if head_sync else False,
         "neuron_sync": layers if neuron_sync else False,
         "components": {c.meta_key: c.meta() for c in comps},
@@ -151,14 +191,16 @@ def collect(
                                                   "components": {c.meta_key: c.meta() for c in g_comps}}
         g_ckpt = checkpoint if checkpoint is None or plan.n_passes == 1 else _pass_path(Path(checkpoint), i)
         desc = "collect" if plan.n_passes == 1 else f"collect pass {i + 1}/{plan.n_passes}"
-        parts.append(run_pass(adapter, data, g_comps, g_meta, seed=seed, precision=precision, checkpoint=g_ckpt,
-                               checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc))
+        options = dict(seed=seed, precision=precision, checkpoint=g_ckpt, checkpoint_every=checkpoint_every,
+                       resume=resume, progress=progress, desc=desc)
+        parts.append(run_pass(adapter, data, g_comps, g_meta, **options) if ctx is None else
+                     run_pass_sharded(adapter, data, g_comps, g_meta, ctx=ctx, **options))
     if plan.n_passes == 1:
         return parts[0]
     stats = Stats({k: v for part in parts for k, v in part.tensors.items()}, {
         **meta, "n_tokens": parts[0].n_tokens, "batches_done": parts[0].meta["batches_done"],
         "seconds": sum(p.meta["seconds"] for p in parts)})
-    if checkpoint is not None:
+    if checkpoint is not None and (ctx is None or ctx.is_main):
         stats.save(checkpoint)
     return stats
 

@@ -46,8 +46,9 @@ class _StopForward(Exception):
 class BatchContext:
     """What a component sees for one batch.
 
-    ``mask`` [B, T] (on the model's device) marks counted positions; ``increments`` collects this batch's
-    sums; ``generator`` is seeded from (seed, batch index) so a resumed run draws the same probes.
+    ``mask`` [B, T] (on the model's device) marks counted positions; ``output_mask`` the output positions
+    (SPEC §5b; the counted ones unless the data says otherwise); ``increments`` collects this batch's sums;
+    ``generator`` is seeded from (seed, batch index) so a resumed run draws the same probes.
     ``scratch`` holds what a component's hooks share during the batch (keyed by the component); it is the only
     place for such state, and :func:`run_batch` empties it in a ``finally``, so that nothing of the batch
     (activations, the autograd graph, gradients) outlives it. This matters: backward hooks registered with
@@ -61,6 +62,7 @@ class BatchContext:
     generator: torch.Generator
     adapter: ModelAdapter
     precision: str = "accurate"
+    outputs: Bool[torch.Tensor, "batch pos"] | None = None
     scratch: dict[Any, Any] = field(default_factory=dict)
 
     def release(self) -> None:
@@ -70,6 +72,10 @@ class BatchContext:
             if callable(clear):
                 clear()
         self.scratch.clear()
+
+    @property
+    def output_mask(self) -> Bool[torch.Tensor, "batch pos"]:
+        return self.mask if self.outputs is None else self.outputs
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.increments[key] = self.increments[key] + value if key in self.increments else value
@@ -133,9 +139,17 @@ def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
 
 @contextlib.contextmanager
 def accurate_matmuls() -> Iterator[None]:
-    """float32 products with TF32 off (SPEC §1); previous settings restored."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            torch.get_float32_matmul_precision())
+    """float32 products with TF32 off (SPEC §1); previous settings restored, through the API the user set them
+    with: PyTorch refuses to mix the legacy ``allow_tf32`` flags with the newer ``fp32_precision`` ones."""
+    try:
+        prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision())
+    except RuntimeError:  # the user set precision through the new API: use it too
+        prev = None
+    if prev is None:
+        with _ieee_fp32():
+            yield
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -146,6 +160,25 @@ def accurate_matmuls() -> Iterator[None]:
         torch.set_float32_matmul_precision(prev[2])
 
 
+#: the fp32_precision settings (PyTorch >= 2.9) that may lower float32 matmul precision
+_FP32_BACKENDS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"))
+
+
+@contextlib.contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """``fp32_precision = "ieee"`` on every backend that has it; previous values restored."""
+    targets = [getattr(getattr(torch.backends, b), op) for b, op in _FP32_BACKENDS
+               if hasattr(getattr(torch.backends, b, None), op)]
+    targets = [t for t in targets if hasattr(t, "fp32_precision")]
+    prev = [t.fp32_precision for t in targets]
+    try:
+        for t in targets:
+            t.fp32_precision = "ieee"
+        yield
+    finally:
+        for t, value in zip(targets, prev, strict=True):
+            t.fp32_precision = value
+
 
 def run_batch(
     adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int, *, precision: str = "accurate"
@@ -154,7 +187,8 @@ def run_batch(
     device = adapter.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + batch.index)
-    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision)
+    outputs = None if batch.outputs is None else batch.outputs.to(device)
+    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision, outputs=outputs)
     fwd = [h for c in comps for h in c.fwd_hooks(ctx)]
     bwd = [h for c in comps for h in c.bwd_hooks(ctx)]
     needs_logits = any(c.needs_logits for c in comps)

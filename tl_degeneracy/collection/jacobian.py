@@ -61,11 +61,12 @@ from jaxtyping import Float, Int
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
 from tl_degeneracy.collection.kernels import sample_categorical, softmax_rows_
+from tl_degeneracy.collection.probes import topk_tail_draws
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import hook_name, site_kind, site_layer
 
 METRICS = ("kl", "mse")
-ESTIMATORS = ("probe", "exact")
+ESTIMATORS = ("probe", "exact", "topk")
 
 #: rows of the batch on which the affine unembedding o = x W_U + b_U is checked before the pass starts at x
 _UNEMBED_CHECK_ROWS = 8
@@ -137,14 +138,17 @@ class JacobianMoments(Component):
 
     ``metric``: ``"kl"`` (F_s = diag(p_s) − p_s p_sᵀ) or ``"mse"`` (F_s = I). ``estimator``: ``"probe"`` (K =
     ``n_probes`` backward passes per batch, probes drawn with the batch's seeded generator, so a resumed run
-    draws the same ones) or ``"exact"`` (T · V backward passes per batch).
+    draws the same ones), ``"exact"`` (T · V backward passes per batch) or, for ``"kl"`` on peaked output
+    distributions, ``"topk"`` (the ``top_k`` largest columns of F^{1/2} exactly plus K sampled tail probes:
+    :mod:`tl_degeneracy.collection.probes`).
     """
 
     needs_logits = True
     meta_key = "JacobianMoments"
 
     def __init__(
-        self, adapter: Any, sites: Sequence[str], *, metric: str = "kl", estimator: str = "probe", n_probes: int = 1
+        self, adapter: Any, sites: Sequence[str], *, metric: str = "kl", estimator: str = "probe", n_probes: int = 1,
+        top_k: int = 8,
     ):
         if metric not in METRICS:
             raise BadInputError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -152,6 +156,9 @@ class JacobianMoments(Component):
             raise BadInputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if n_probes < 1:
             raise BadInputError(f"n_probes must be >= 1, got {n_probes}")
+        if estimator == "topk" and (metric != "kl" or top_k < 1):
+            raise BadInputError(f"estimator='topk' needs jacobian='kl' and top_k >= 1, got {metric!r}, top_k={top_k}")
+        self.top_k = int(top_k)
         self.adapter = as_adapter(adapter)
         self.sites = list(dict.fromkeys(sites))
         self.metric, self.estimator, self.n_probes = metric, estimator, int(n_probes)
@@ -174,9 +181,12 @@ class JacobianMoments(Component):
             "metric": self.metric,
             "F": "diag(p) - p p^T, p = softmax(logits)" if self.metric == "kl" else "identity",
             "estimator": self.estimator,
-            "n_probes": self.n_probes if self.estimator == "probe" else None,
-            "probe": ("e_y - p, y ~ Categorical(p)" if self.metric == "kl" else "Rademacher")
-            if self.estimator == "probe" else "columns of a square root of F",
+            "n_probes": self.n_probes if self.estimator != "exact" else None,
+            "probe": {"probe": "e_y - p, y ~ Categorical(p)" if self.metric == "kl" else "Rademacher",
+                      "exact": "columns of a square root of F",
+                      "topk": "signed top-k columns of a square root of F, and signed sqrt(P_tail) (e_y - p), "
+                              "y ~ p restricted to the tail"}[self.estimator],
+            **({"top_k": self.top_k} if self.estimator == "topk" else {}),
             "leaf_hook": self.leaf,
             "cotangent_space": "unembedding input (d_model)" if self.unembedding is not None else "logits",
         }
@@ -219,16 +229,21 @@ class JacobianMoments(Component):
             n = int(ctx.mask.sum())
             for site in self.sites:
                 ctx.add(f"jac/{site}/n", torch.tensor(n, dtype=torch.int64))
-            if n == 0:  # a batch of padding only: nothing to add
+            out_mask = ctx.output_mask  # the output positions s (SPEC §5b); the gradients g_t count at ctx.mask
+            n_out = int(out_mask.sum())
+            if n == 0 or n_out == 0:  # a batch of padding only (or no output position): nothing to add
                 return
             work = torch.promote_types(logits.dtype, torch.float32)
-            # p_s at the counted positions (kl only: F = I needs no probabilities)
-            # the boolean gather copies the counted rows; the softmax then runs in place on that copy
-            p = softmax_rows_(logits.detach()[ctx.mask].to(work)) if self.metric == "kl" else None
+            # p_s at the output positions (kl only: F = I needs no probabilities)
+            # the boolean gather copies the output rows; the softmax then runs in place on that copy
+            p = softmax_rows_(logits.detach()[out_mask].to(work)) if self.metric == "kl" else None
             out = self._output_map(ctx, state, logits, work)
-            positions = ctx.mask.nonzero()  # [n, 2] (sequence, position), in the order of x[mask]
+            positions = out_mask.nonzero()  # [n_out, 2] (sequence, position), in the order of z[out_mask]
             if self.estimator == "probe":
-                draws = self._probes(ctx, out, p, n, work)
+                draws = self._probes(ctx, out, p, n_out, work)
+            elif self.estimator == "topk":
+                draws = topk_tail_draws(p, out.apply(p), lambda y: out.rows(y, work), top_k=self.top_k,
+                                        n_tail=self.n_probes, generator=ctx.generator)
             else:
                 draws = self._exact_columns(out, p, positions, work)
             outer: dict[str, torch.Tensor] = {}  # Σ over draws of weight · Σ_t g_t g_tᵀ, accumulated in place
@@ -267,7 +282,7 @@ class JacobianMoments(Component):
         x = state.unembed_in
         if x.shape[:-1] != logits.shape[:-1]:
             return _OutputMap(logits, None, logits.shape[-1])
-        idx = ctx.mask.nonzero()[:_UNEMBED_CHECK_ROWS]
+        idx = ctx.output_mask.nonzero()[:_UNEMBED_CHECK_ROWS]
         xr = x.detach()[idx[:, 0], idx[:, 1]].to(work)
         W_U, b_U = un.W_U.to(work), un.b_U.to(work)
         err = (xr @ W_U + b_U - logits.detach()[idx[:, 0], idx[:, 1]].to(work)).abs()

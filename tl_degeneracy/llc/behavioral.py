@@ -17,6 +17,7 @@ when the call returns or raises.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ __all__ = ["LLCScaleSweep", "estimate_llc", "llc_scale_sweep"]
 
 LossKind = Literal["kl", "mse", "ce"]
 
+#: the options of estimate_llc that llc_scale_sweep hands to each run
+_SWEEP_OPTIONS = frozenset({
+    "localization", "n_steps", "n_burnin", "n_chains", "seed", "sampler", "rmsprop_alpha", "rmsprop_eps",
+    "on_divergence", "divergence_threshold", "vectorize", "mala_every", "progress",
+})
+
 #: teacher outputs are cached per batch when they take at most this many bytes in total (``cache_teacher="auto"``)
 _CACHE_BYTES = 1 << 30
 
@@ -52,7 +59,7 @@ class _TeacherBatches:
     """Re-iterable token batches with the θ* outputs the loss compares against, cached or recomputed."""
 
     def __init__(self, adapter: ModelAdapter, data: Iterable[Any], loss: LossKind, cache: bool | str):
-        self.adapter, self.data, self.loss = adapter, data, loss
+        self.adapter, self.loss = adapter, loss
         self.device = adapter.device
         n_rows = 0
         for b in data:
@@ -66,8 +73,10 @@ class _TeacherBatches:
             n_rows += b.tokens.shape[0] * b.tokens.shape[1]
         if n_rows == 0:
             raise BadInputError("data holds no batch")
+        data = even_batches(data)
         per_value = 2 if loss == "kl" else 1
         size = n_rows * adapter.d_vocab * 4 * per_value if loss != "ce" else 0
+        self.data = data
         self.cache = size <= _CACHE_BYTES if cache == "auto" else bool(cache)
         self._cached: list[_Batch] | None = None
 
@@ -77,6 +86,7 @@ class _TeacherBatches:
         if self.loss == "ce":
             weight = (mask[:, 1:]).float()  # the logits at t−1 predict the counted token at t
             return _Batch(tokens, weight, None, None)
+        mask = getattr(b, "output_mask", b.mask).to(self.device)  # kl, mse: the loss lives at the output positions
         with torch.no_grad():
             logits = self.adapter.forward(tokens).float()
         if self.loss == "mse":
@@ -97,6 +107,30 @@ class _TeacherBatches:
             yield item
         if self.cache:
             self._cached = fresh
+
+
+class _Rows(NamedTuple):
+    tokens: Tensor  # [B, T]
+    mask: Tensor  # [B, T]
+
+
+def even_batches(data: Iterable[Any]) -> Iterable[Any]:
+    """The same rows in batches whose sizes differ by at most one (same number of batches, same order).
+
+    SGLD takes one step per batch, and the loss of a step is the mean over that batch's counted tokens: a
+    short last batch (9 rows at batch size 8: 8 + 1) makes every other step a far noisier one. Batches already
+    within one row of each other, or of different lengths T, are returned as given.
+    """
+    batches = list(data)
+    sizes = [int(b.tokens.shape[0]) for b in batches]
+    if max(sizes) - min(sizes) <= 1 or len({b.tokens.shape[1] for b in batches}) > 1:
+        return data
+    tokens = torch.cat([b.tokens for b in batches])
+    mask = torch.cat([b.mask for b in batches])
+    rows = int(tokens.shape[0])
+    n = min(len(batches), rows)
+    bounds = [round(i * rows / n) for i in range(n + 1)]
+    return [_Rows(tokens[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def behavioral_loss(logits: Float[Tensor, "batch pos vocab"], batch: _Batch, loss: LossKind) -> Float[Tensor, ""]:
@@ -132,6 +166,7 @@ def estimate_llc(
     n_burnin: int,
     n_chains: int = 4,
     seed: int = 0,
+    first_chain: int = 0,
     sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
     rmsprop_alpha: float = 0.999,
     rmsprop_eps: float = 0.1,
@@ -139,7 +174,7 @@ def estimate_llc(
     divergence_threshold: float | None = None,
     vectorize: Literal["auto"] | bool = "auto",
     cache_teacher: bool | Literal["auto"] = "auto",
-    mala_every: int = 10,
+    mala_every: int | Literal["auto"] = "auto",
     progress: bool = True,
 ) -> LLCResult:
     """Local learning coefficient of the behavioral loss of a TransformerLens model (paper §2.2, eq. 6–9).
@@ -161,9 +196,10 @@ def estimate_llc(
             W_Q, W_K, W_V, W_O, b_Q, b_K, b_V), any other name of
             :func:`tl_degeneracy.model.parameter_selections`, a list of these, or a dict of masks keyed
             like :class:`tl_degeneracy.model.FunctionalModel` ``.parameters``.
-        nbeta, step_size, localization, n_steps, n_burnin, n_chains, seed, sampler, rmsprop_alpha,
-        rmsprop_eps, on_divergence, divergence_threshold, vectorize, mala_every, progress: as in
+        nbeta, step_size, localization, n_steps, n_burnin, n_chains, seed, first_chain, sampler: as in
             :func:`~tl_degeneracy.sgld_llc` (``n_steps`` counts the burn-in).
+        rmsprop_alpha, rmsprop_eps, on_divergence, divergence_threshold, vectorize, mala_every, progress: as
+            in :func:`~tl_degeneracy.sgld_llc`.
         cache_teacher: keep θ*'s output distributions of every batch in memory (``"auto"``: when they
             take at most 1 GiB), or recompute them each step with one forward pass without gradient.
 
@@ -178,62 +214,78 @@ def estimate_llc(
                                localization=100.0, n_steps=400, n_burnin=100)
         print(res)   # λ̂ = ... ± ..., ε̂ = ..., N_eff = ...
     """
-    if loss not in ("kl", "mse", "ce"):
-        raise BadInputError(f"loss must be 'kl', 'mse' or 'ce', got {loss!r}")
-    adapter = ModelAdapter(model)
-    net = adapter.model
-    if isinstance(data, Tensor):
-        data = token_batches(net, data, batch_size=max(1, data.shape[0]))
-    with preserved_state(net), adapter.eval_mode():
-        fm = FunctionalModel(net)
+    sampler_options = {
+        "n_chains": n_chains, "seed": seed, "first_chain": first_chain, "sampler": sampler,
+        "rmsprop_alpha": rmsprop_alpha,
+        "rmsprop_eps": rmsprop_eps, "on_divergence": on_divergence, "divergence_threshold": divergence_threshold,
+        "vectorize": vectorize, "mala_every": mala_every, "progress": progress,
+    }
+    with _session(model, data, loss, cache_teacher) as run:
+        return run(params, nbeta=nbeta, step_size=step_size, localization=localization, n_steps=n_steps,
+                   n_burnin=n_burnin, **sampler_options)
+
+
+class _Session:
+    """What every estimate on one model, data and loss shares: the functional model, θ*, the teacher batches
+    (θ*'s outputs, cached once) and the masks of each selection. Calling it runs one estimate."""
+
+    def __init__(self, model: Any, data: Iterable[Any], loss: LossKind, cache_teacher: bool | str):
+        if loss not in ("kl", "mse", "ce"):
+            raise BadInputError(f"loss must be 'kl', 'mse' or 'ce', got {loss!r}")
+        self.adapter = ModelAdapter(model)
+        self.net = self.adapter.model
+        if isinstance(data, Tensor):
+            data = token_batches(self.net, data, batch_size=max(1, data.shape[0]))
+        self.data, self.loss, self.cache_teacher = data, loss, cache_teacher
+
+    def open(self) -> None:
+        """Build the shared parts (inside the model's preserved state and eval mode)."""
+        self.fm = FunctionalModel(self.net)
+        self.w_star = {name: p.detach() for name, p in self.fm.parameters.items()}
+        self.batches = _TeacherBatches(self.adapter, self.data, self.loss, self.cache_teacher)
+        self.n_counted = sum(int(b.mask.sum()) for b in self.data)
+        self._masks: dict[str, dict[str, Tensor] | None] = {}
+
+    def masks(self, params: str | Sequence[str] | Mapping[str, Tensor]) -> dict[str, Tensor] | None:
         if isinstance(params, Mapping):
-            unknown = sorted(set(params) - set(fm.parameters))
+            unknown = sorted(set(params) - set(self.fm.parameters))
             if unknown:
                 raise BadInputError(
                     f"masks name parameters the model does not have: {unknown[:5]}; use the names of "
                     "tl_degeneracy.model.FunctionalModel(model).parameters or a selection string"
                 )
-            masks: dict[str, Tensor] | None = dict(params)
-        else:  # "all" too: on a 4.x bridge that leaves out parameters the forward never reads (fused c_attn)
-            masks = parameter_masks(net, params)
-        w_star = {name: p.detach() for name, p in fm.parameters.items()}
-        batches = _TeacherBatches(adapter, data, loss, cache_teacher)
+            return dict(params)
+        key = params if isinstance(params, str) else "\0".join(params)
+        if key not in self._masks:  # "all" too: on a 4.x bridge that leaves out parameters the forward never reads
+            self._masks[key] = parameter_masks(self.net, params)
+        return self._masks[key]
 
-        def loss_fn(values: dict[str, Tensor], batch: _Batch) -> Tensor:
-            return behavioral_loss(fm(values, batch.tokens), batch, loss)
+    def loss_fn(self, values: dict[str, Tensor], batch: _Batch) -> Tensor:
+        return behavioral_loss(self.fm(values, batch.tokens), batch, self.loss)
 
-        result = sgld_llc(
-            loss_fn,
-            w_star,
-            batches,
-            nbeta=nbeta,
-            step_size=step_size,
-            localization=localization,
-            n_chains=n_chains,
-            n_steps=n_steps,
-            n_burnin=n_burnin,
-            seed=seed,
-            loss_at_optimum=None if loss == "ce" else 0.0,
-            sampler=sampler,
-            masks=masks,
-            rmsprop_alpha=rmsprop_alpha,
-            rmsprop_eps=rmsprop_eps,
-            on_divergence=on_divergence,
-            divergence_threshold=divergence_threshold,
-            vectorize=vectorize,
-            mala_every=mala_every,
-            progress=progress,
+    def __call__(self, params: str | Sequence[str] | Mapping[str, Tensor], **sgld_options: Any) -> LLCResult:
+        result = sgld_llc(self.loss_fn, self.w_star, self.batches, masks=self.masks(params),
+                          loss_at_optimum=None if self.loss == "ce" else 0.0, **sgld_options)
+        result.settings.update(
+            {
+                "loss": self.loss,
+                "params": params if isinstance(params, str) else "masks" if isinstance(params, Mapping)
+                else list(params),
+                "n_counted_tokens": self.n_counted,
+                "model": self.adapter.describe(),
+            }
         )
-    n_counted = sum(int(b.mask.sum()) for b in data)
-    result.settings.update(
-        {
-            "loss": loss,
-            "params": params if isinstance(params, str) else "masks" if isinstance(params, Mapping) else list(params),
-            "n_counted_tokens": n_counted,
-            "model": adapter.describe(),
-        }
-    )
-    return result
+        return result
+
+
+@contextlib.contextmanager
+def _session(model: Any, data: Iterable[Any], loss: LossKind, cache_teacher: bool | str) -> Iterator[_Session]:
+    """A :class:`_Session` for the duration of the block; the model's parameters, modes and devices are as
+    before when it ends or raises."""
+    session = _Session(model, data, loss, cache_teacher)
+    with preserved_state(session.net), session.adapter.eval_mode():
+        session.open()
+        yield session
 
 
 @dataclass
@@ -334,6 +386,13 @@ def llc_scale_sweep(
             raise BadInputError(f"{len(steps)} step sizes for {len(nbetas)} values of nbeta")
     if any(not (s > 0 and math.isfinite(s)) for s in steps):
         raise BadInputError(f"step sizes must be positive, got {steps}")
-    return LLCScaleSweep(
-        [estimate_llc(model, data, nbeta=nb, step_size=s, **options) for nb, s in zip(nbetas, steps, strict=True)]
-    )
+    loss = options.pop("loss", "kl")
+    cache_teacher = options.pop("cache_teacher", "auto")
+    params = options.pop("params", "all")
+    unknown = sorted(set(options) - _SWEEP_OPTIONS)
+    if unknown:
+        raise BadInputError(f"unknown option(s) {unknown} for estimate_llc")
+    with _session(model, data, loss, cache_teacher) as run:  # masks, functional model, teacher cache: once
+        return LLCScaleSweep(
+            [run(params, nbeta=nb, step_size=s, **options) for nb, s in zip(nbetas, steps, strict=True)]
+        )

@@ -15,6 +15,7 @@ interrupted run exits 130 and resumes when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from tl_degeneracy._io import write_json
 from tl_degeneracy._version import __version__
-from tl_degeneracy.errors import TLDegeneracyError
-from tl_degeneracy.run import report
+from tl_degeneracy.errors import BadInputError, TLDegeneracyError
+from tl_degeneracy.run import distributed, report
 from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.run.pipeline import STAGES, RunConfig, default_stages, parse_layers, run_stages
 
@@ -131,12 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "written to a report folder.",
     )
     parser.add_argument("--version", action="version", version=f"tl-degeneracy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,calibrate,report}")
 
     run = sub.add_parser("run", help="sweep layers and write a report folder",
                          description="Run the stages (stats, basis, sync, llc, report) into --out. A stage "
                                      "whose outputs already exist with the same settings is skipped, so an "
                                      "interrupted run resumes when the same command is run again.")
+    _add_run_arguments(run, d)
+    cal = sub.add_parser("calibrate", help="choose the LLC step size and localization on a grid (into --out)",
+                         description="Short SGLD chains over a grid of step sizes and localizations (the other "
+                                     "--llc-* options as for `run`); writes llc/calibration/ (table, heat map) "
+                                     "into --out and prints the recommended setting.")
+    _add_run_arguments(cal, d)
+
+    rep = sub.add_parser("report", help="redraw tables, plots and index.md of a run folder (no model needed)",
+                         description="Redraw summary.csv, summary.md, plots/*.png and index.md from the results "
+                                     "saved in DIR.")
+    rep.add_argument("dir", metavar="DIR", help="a folder written by `tl-degeneracy run`")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser, d: RunConfig) -> None:
     g = run.add_argument_group("model and data")
     g.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="hub name (needs a network) or a save_pretrained folder; default: the bundled model")
@@ -158,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="S",
                    help="seed of probes and SGLD noise (default 0)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy shared machine")
+                   help="CPU threads for torch (default: the physical cores this process may use, or "
+                        "$OMP_NUM_THREADS); 1 is fastest on a busy shared machine")
 
     g = run.add_argument_group("statistics, bases and synchronisation")
     g.add_argument("--jacobian", choices=("kl", "mse", "none"), default=d.jacobian,
@@ -207,20 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"counted tokens the sampler cycles through (default {d.llc_n_tokens})")
     g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
                    help=f"sequences per SGLD step (default {d.llc_batch_size})")
+    g.add_argument("--llc-calibrate", action="store_true",
+                   help="run: calibrate first (as `tl-degeneracy calibrate`) and use the recommended step size "
+                        "and localization")
+    g.add_argument("--calibrate-step-sizes", type=_float_list, default=None, metavar="LIST",
+                   help="calibration grid of step sizes (default: --llc-step-size × 1/10, 1/3, 1, 3)")
+    g.add_argument("--calibrate-localizations", type=_float_list, default=None, metavar="LIST",
+                   help="calibration grid of localizations (default: --llc-localization × 1/10, 1, 10)")
+    g.add_argument("--calibrate-params", default="all", metavar="SELECTION",
+                   help="parameters the calibration samples (default all)")
+
+    g = run.add_argument_group("ablation curves (ablate stage)")
+    g.add_argument("--ablate-n-tokens", type=_positive_int, default=d.ablate_n_tokens, metavar="N",
+                   help=f"counted tokens the ablation curves are measured on (default {d.ablate_n_tokens})")
+    g.add_argument("--ablate-tolerance", type=_float(0.0, strict=False), default=d.ablate_tolerance, metavar="KL",
+                   help="KL (nats) within which 'directions needed' counts a curve as unchanged "
+                        f"(default {d.ablate_tolerance:g})")
 
     g = run.add_argument_group("stages and output")
     g.add_argument("--stages", type=_stages, default=None, metavar="LIST",
-                   help="comma-separated stages to run (stats,basis,sync,llc,report); default: all that apply")
-    g.add_argument("--force", action="store_true", help="recompute stages whose outputs already exist")
+                   help="comma-separated stages to run (stats,basis,ablate,sync,llc,report); default: all that apply")
+    g.add_argument("--force", action="store_true",
+                   help="recompute stages whose outputs already exist (the old outputs stay until the new ones are "
+                        "complete); discards a partial statistics checkpoint instead of resuming it")
+    g.add_argument("--yes", action="store_true",
+                   help="run settings refused as absurdly expensive (e.g. --n-probes above 256)")
     g.add_argument("--out", default="tl-degeneracy-run", metavar="DIR",
                    help="run folder (default ./tl-degeneracy-run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    rep = sub.add_parser("report", help="redraw tables, plots and index.md of a run folder (no model needed)",
-                         description="Redraw summary.csv, summary.md, plots/*.png and index.md from the results "
-                                     "saved in DIR.")
-    rep.add_argument("dir", metavar="DIR", help="a folder written by `tl-degeneracy run`")
-    return parser
 
 
 def _config_from(args: argparse.Namespace) -> RunConfig:
@@ -234,6 +266,7 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
         llc_nbetas=args.llc_nbetas, llc_step_size=args.llc_step_size, llc_localization=args.llc_localization,
         llc_chains=args.llc_chains, llc_steps=args.llc_steps, llc_burnin=args.llc_burnin,
         llc_n_tokens=args.llc_n_tokens, llc_batch_size=args.llc_batch_size, seed=args.seed, device=args.device,
+        ablate_n_tokens=args.ablate_n_tokens, ablate_tolerance=args.ablate_tolerance,
     )
 
 
@@ -250,9 +283,40 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (``os.sched_getaffinity``; every CPU where that is unavailable)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """Default torch thread count: the physical cores among the CPUs this process may use, at least 1.
+
+    Hyper-threads of one core count once (Linux ``/sys/.../topology``; where that is unreadable every usable
+    CPU counts), so the default is never more than the cores the process may use (a job scheduler's CPU set,
+    ``taskset``). ``$OMP_NUM_THREADS``, when set, wins, as ``--threads`` does.
+
+    Example: on an 8-core/16-thread laptop ``default_threads()`` is 8; under ``taskset -c 0,1`` it is 1 or 2.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = set()
+    for cpu in usable_cpus():
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
                             "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+                            "usable_cpus": len(usable_cpus()),
                             "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -282,6 +346,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
     config = _config_from(args)
     if args.llc_burnin >= args.llc_steps:
         parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
+    if args.llc_calibrate:
+        RunFolder(args.out).claim()  # the calibration is written into the run folder: it must be ours
+        cal = _calibrate(args, config, Path(args.out))
+        if cal.recommended is None:
+            raise BadInputError(f"--llc-calibrate found no setting to recommend ({cal.reason}); pass "
+                                "--calibrate-step-sizes / --calibrate-localizations")
+        config = dataclasses.replace(config, llc_step_size=cal.recommended["step_size"],
+                                     llc_localization=cal.recommended["localization"])
     explicit = args.stages is not None
     stages = list(args.stages) if explicit else default_stages(config, llc=args.llc)
     if explicit:
@@ -290,6 +362,15 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
             if name in stages and off:
                 parser.error(f"--stages {name} contradicts {flag}")
     out = Path(args.out)
+    dctx = distributed.start()  # torchrun with several processes: rank 0 writes the run folder
+    if dctx is not None:
+        config = distributed.local_config(config)
+        if not dctx.is_main:
+            try:
+                return distributed.follow(config, out, stages, dctx, force=args.force, threads=args.threads)
+            finally:
+                distributed.finish()
+        distributed.share_markers(out, dctx)
     record: dict[str, Any] = {
         "command": "tl-degeneracy " + shlex.join(argv),
         "arguments": {k: v for k, v in vars(args).items() if k != "command"},
@@ -298,16 +379,34 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         "versions": _versions(),
         "machine": _machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "distributed": {"world_size": 1, "backend": None} if dctx is None else dctx.to_json(),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    run_threads = args.threads if args.threads is not None else default_threads()
+    record["machine"]["torch_threads"] = run_threads
+    record["machine"]["threads_from"] = "--threads" if args.threads is not None else "default_threads()"
+    if args.n_probes > MAX_PROBES and not args.yes:
+        raise BadInputError(
+            f"--n-probes {args.n_probes} means {args.n_probes} backward passes per batch (hours on any model); "
+            f"at most {MAX_PROBES} runs without asking: pass --yes to run it anyway"
+        )
+    folder = RunFolder(out)
+    folder.claim()  # refuses someone else's non-empty folder before anything is written in it
+    with folder.lock():
+        return _run_locked(args, config, out, stages, explicit, record)
+
+
+#: --n-probes above this is refused without --yes (each probe is one backward pass per batch)
+MAX_PROBES = 256
+
+
+def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stages: list[str], explicit: bool,
+                record: dict[str, Any]) -> int:
     previous = _previous_runs(out)
     write_json(RunFolder(out).run_json, {**record, "result": "running", "previous_runs": previous})
     t0 = time.perf_counter()
     status: dict[str, Any] = {}
     threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        record["machine"]["torch_threads"] = args.threads
+    torch.set_num_threads(record["machine"]["torch_threads"])
     # a SIGTERM (a job scheduler's stop) ends the run like Ctrl-C: run.json records it, checkpoints stay valid
     on_main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main_thread else None
@@ -328,9 +427,57 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Arg
         record.update(stages=status, wall_seconds=time.perf_counter() - t0,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), previous_runs=previous)
         write_json(RunFolder(out).run_json, record)
+        distributed.finish()
     if RunFolder(out).index.is_file():
         print(f"[tl-degeneracy] report: {RunFolder(out).index}", file=sys.stderr)
+    _print_llc_warnings(out)
     return 0
+
+
+def _calibrate(args: argparse.Namespace, config: RunConfig, out: Path) -> Any:
+    """The calibration grid of ``tl-degeneracy calibrate`` / ``run --llc-calibrate``, saved in the run folder."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.run.pipeline import RunContext
+
+    ctx = RunContext(config, out, progress=not args.no_progress)
+    data = ctx.data(n_tokens=config.llc_n_tokens, batch_size=config.llc_batch_size)
+    steps = args.calibrate_step_sizes or tuple(config.llc_step_size * f for f in (0.1, 1 / 3, 1.0, 3.0))
+    gammas = args.calibrate_localizations or tuple(config.llc_localization * f for f in (0.1, 1.0, 10.0))
+    cal = tld.calibrate_llc(ctx.model, data, step_sizes=steps, localizations=gammas, nbeta=config.llc_nbeta,
+                            n_steps=config.llc_steps, n_burnin=config.llc_burnin, n_chains=config.llc_chains,
+                            params=args.calibrate_params, seed=config.seed, progress=not args.no_progress)
+    run = RunFolder(out)
+    folder = run.llc / "calibration"
+    cal.save(folder)
+    cal.plot(folder / "calibration.png")
+    run.record("calibrate", [run.relative(p) for p in folder.rglob("*") if p.is_file()])
+    print(f"[tl-degeneracy] {cal}", file=sys.stderr)
+    print(f"[tl-degeneracy] calibration: {folder / 'calibration.json'}, {folder / 'calibration.png'}",
+          file=sys.stderr)
+    return cal
+
+
+def _cmd_calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.llc_burnin >= args.llc_steps:
+        parser.error(f"--llc-burnin ({args.llc_burnin}) must be below --llc-steps ({args.llc_steps})")
+    out = Path(args.out)
+    RunFolder(out).claim()  # the calibration is written into a run folder: refuse anyone else's folder
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cal = _calibrate(args, _config_from(args), out)
+    return 0 if cal.recommended is not None else 1
+
+
+def _print_llc_warnings(out: Path) -> None:
+    """Closing summary: every LLC estimate of the run that is not converged, with its reasons."""
+    if not RunFolder(out).llc_summary.is_file():
+        return
+    lines = report.llc_warnings(out)
+    if lines:
+        print(f"[tl-degeneracy] warning: {len(lines)} LLC estimate(s) not converged (see the report's LLC section):",
+              file=sys.stderr)
+        for line in lines:
+            print(f"[tl-degeneracy]   {line}", file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -350,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args, argv, parser)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args, parser)
         return _cmd_report(args)
     except SystemExit as exit_:  # parser.error after parsing
         return int(exit_.code or 0)
@@ -358,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (TLDegeneracyError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:  # a file no reader mapped
+        print(f"error: a file could not be read (corrupted or truncated?): {type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,8 @@ Each stage is a :class:`Stage` in the registry :data:`STAGES`, run in this order
   neuron synchronisation sums) → ``stats.safetensors``; checkpointed to ``stats.partial.safetensors`` so an
   interrupted pass resumes where it stopped;
 - ``basis``: interaction and PCA bases of every site → ``bases/``;
+- ``ablate``: ablation curves (KL against kept directions, measured and predicted) of the interaction and
+  PCA bases at every site, on a token budget of its own (``ablate_n_tokens``) → ``ablation/``;
 - ``sync``: head and neuron synchronisation per layer → ``sync/``;
 - ``llc``: behavioral LLC of the whole model and of each layer, and an nβ sweep for λ(ε) → ``llc/``;
 - ``report``: tables, plots and ``index.md`` from the saved results (:func:`tl_degeneracy.run.report.write_report`).
@@ -27,10 +29,12 @@ so (:meth:`Stage.unavailable`) instead of running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -43,10 +47,11 @@ from typing import Any
 import torch
 
 import tl_degeneracy as tld
-from tl_degeneracy._io import json_safe, write_json
+from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_file, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
-from tl_degeneracy.errors import BadInputError
-from tl_degeneracy.run.layout import RunFolder
+from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
+from tl_degeneracy.run.layout import RunFolder, staged
+from tl_degeneracy.sites import check_layers, site_dim
 
 __all__ = [
     "RunConfig",
@@ -76,9 +81,10 @@ class RunConfig:
 
     The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
     defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
-    and 40 steps) were chosen on the bundled model, where the per-layer traces level off within the
-    burn-in; they give a quick, strongly localised estimate. For numbers to report, raise ``llc_steps``
-    and check the traces and MALA acceptance in the report.
+    and 40 steps, now 4 chains) were chosen on the bundled model, where the per-layer traces level off within
+    the burn-in; they give a quick, strongly localised estimate that the report's verdict marks "not converged"
+    (25 draws per chain cannot reach the ESS bound). They have not been re-chosen by ``tl-degeneracy
+    calibrate`` yet; for numbers to report, run it (or ``run --llc-calibrate``) and raise ``llc_steps``.
     """
 
     model: str | None = None
@@ -97,12 +103,15 @@ class RunConfig:
     sync_measure: str = "normalized_distance"
     tau_heads: float = 0.05
     tau_neurons: float = 0.05
+    ablate_n_tokens: int = 1024
+    ablate_batch_size: int = 8
+    ablate_tolerance: float = 0.01
     llc_params: tuple[str, ...] = ("all", "blocks.{l}")
     llc_nbeta: float = 1e4
     llc_nbetas: tuple[float, ...] = ()
     llc_step_size: float = 2e-5
     llc_localization: float = 5000.0
-    llc_chains: int = 2
+    llc_chains: int = 4
     llc_steps: int = 40
     llc_burnin: int = 15
     llc_n_tokens: int = 2048
@@ -160,6 +169,30 @@ def data_identity(data: str | None) -> str:
     return str(path.resolve()) if path.exists() else data
 
 
+def content_fingerprint(identity: str) -> str | None:
+    """A hash of the bytes behind a model or data path (every file of a folder, by relative path), so a rerun
+    sees that the weights or data behind the same path changed; None for a hub name (no local files)."""
+    path = Path(identity)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in files)
+    return _hash_files(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(key: tuple[tuple[str, int, int, int], ...]) -> str:
+    """sha256 over the files' relative names and bytes (cached per process on path, size, mtime and inode)."""
+    h = hashlib.sha256()
+    root = Path(os.path.commonpath([k[0] for k in key])) if len(key) > 1 else Path(key[0][0]).parent
+    for name, *_ in key:
+        h.update(str(Path(name).relative_to(root)).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the context shared by the stages of one invocation
 # ---------------------------------------------------------------------------------------------------------
@@ -178,10 +211,28 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     _data: dict[tuple[int | None, int], tld.TokenBatches] = field(default_factory=dict, repr=False)
 
+    #: --force: recompute, and discard a partial statistics checkpoint instead of resuming it
+    force: bool = False
+    #: the stage running now (its outputs go to :attr:`target`)
+    stage: str | None = None
+
     @property
     def folder(self) -> RunFolder:
-        """Where every artifact of the run lives."""
+        """Where every artifact of the run lives (what stages read)."""
         return RunFolder(self.out)
+
+    @property
+    def target(self) -> RunFolder:
+        """Where the running stage writes: its staging folder, moved into place when it finishes."""
+        return staged(self.out, self.stage) if self.stage is not None else self.folder
+
+    @property
+    def progress_folder(self) -> RunFolder:
+        """Where the running stage keeps finished parts for a resume after an interrupt (same layout); discarded
+        when the stage completes, and by ``--force``."""
+        if self.stage is None:
+            raise RuntimeError("progress_folder is only defined while a stage runs")
+        return RunFolder(self.folder.progress(self.stage))
 
     @cached_property
     def device(self) -> str:
@@ -192,19 +243,24 @@ class RunContext:
         name = str(tld.bundled_model_path()) if self.config.model is None else self.config.model
         self.log(f"loading model {name} on {self.device}")
         t0 = time.perf_counter()
-        model = tld.load_model(name, device=self.device)
+        try:
+            model = tld.load_model(name, device=self.device)
+        except (tld.TLDegeneracyError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # a truncated or corrupted model file: name it, no traceback
+            raise BadInputError(
+                f"cannot load the model '{name}': {type(err).__name__}: {' '.join(str(err).split())[:300]}; "
+                "check that its files are complete (re-download or re-save it)"
+            ) from err
         self.timings["load_model"] = time.perf_counter() - t0
         return model
 
     @cached_property
     def layers(self) -> list[int]:
         """The analysed layers, checked against the model."""
-        n_layers = tld.ModelAdapter(self.model).n_layers
-        layers = list(range(n_layers)) if self.config.layers is None else list(self.config.layers)
-        bad = [x for x in layers if not 0 <= x < n_layers]
-        if bad:
-            raise BadInputError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-        return layers
+        if self.config.layers is None:
+            return list(range(tld.ModelAdapter(self.model).n_layers))
+        return check_layers(self.model, self.config.layers, sort=False)
 
     def data(self, *, n_tokens: int | None, batch_size: int) -> tld.TokenBatches:
         """Token batches from ``config.data`` (built once per ``(n_tokens, batch_size)``)."""
@@ -268,7 +324,7 @@ def register(stage: Stage) -> Stage:
 def default_stages(config: RunConfig, *, llc: bool = True) -> list[str]:
     """Every registered stage the configuration asks for: no ``basis`` without a Jacobian, no ``sync``
     without synchronisation sums, no ``llc`` when switched off."""
-    skip = {"basis"} if config.jacobian is None else set()
+    skip = {"basis", "ablate"} if config.jacobian is None else set()
     if not config.sync:
         skip.add("sync")
     if not llc:
@@ -283,15 +339,41 @@ def _marker_path(out: Path, name: str) -> Path:
     return RunFolder(out).marker(name)
 
 
-def read_marker(out: Path, name: str) -> dict[str, Any] | None:
-    """The marker of a finished stage, or None when it has not finished (or its outputs are gone)."""
+def read_marker(out: Path, name: str, *, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The marker of a finished stage, or None when it has not finished, or an output is gone or fails its
+    check (tensor files against their checksum, JSON files parse): such a stage runs again (``log`` says why)."""
     path = _marker_path(out, name)
     if not path.is_file():
         return None
-    marker = json.loads(path.read_text())
-    if not all((out / p).exists() for p in marker.get("outputs", [])):
+    try:
+        marker = read_json(path, what="stage marker")
+    except BadInputError as err:
+        if log:
+            log(f"{name}: {err}; it runs again")
         return None
+    for rel in marker.get("outputs", []):
+        p = out / rel
+        why = None if p.is_file() else f"its output '{p}' is missing"
+        if why is None and p.suffix == ".safetensors":
+            st = p.stat()
+            why = _verified(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+        elif why is None and p.suffix == ".json":
+            try:
+                read_json(p)
+            except BadInputError as err:
+                why = str(err)
+        if why is not None:
+            if log:
+                log(f"{name}: {why}; it runs again")
+            return None
     return marker
+
+
+@functools.lru_cache(maxsize=256)
+def _verified(path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+    """:func:`verify_tensor_file`, once per process for a file that has not changed (a plan reads a marker's
+    outputs several times; the statistics of a large model are gigabytes)."""
+    return verify_tensor_file(path)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -320,7 +402,7 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
     if unknown:
         raise BadInputError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     out = Path(out)
-    ctx = RunContext(config, out, progress=progress, log=log)
+    ctx = RunContext(config, out, progress=progress, log=log, force=force)
     status: dict[str, dict[str, Any]] = {}
     to_run: list[Stage] = []
     for name in (s for s in STAGES if s in stages):
@@ -339,7 +421,7 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
                     f"stage '{name}' reads the outputs of stage '{dep}', which has not finished in '{out}'; "
                     f"run `tl-degeneracy run --stages {dep} --out {out}` first (same model and data options)"
                 )
-        marker = None if stage.always else read_marker(out, name)
+        marker = None if stage.always else read_marker(out, name, log=log)
         if marker is None or force:
             to_run.append(stage)
             continue
@@ -360,26 +442,64 @@ def run_stages(config: RunConfig, out: str | os.PathLike, stages: Sequence[str],
     for stage in to_run:
         if stage.check is not None:
             stage.check(ctx)
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in to_run:
-        name = stage.name
-        inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
-        _marker_path(out, name).unlink(missing_ok=True)
-        log(f"{name}: running")
-        t0 = time.perf_counter()
-        outputs, summary = stage.run(ctx)
-        seconds = time.perf_counter() - t0
-        if not stage.always:
-            write_json(_marker_path(out, name), {
-                "stage": name, "id": uuid.uuid4().hex, "settings": stage.settings(config), "inputs": inputs,
-                "outputs": outputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "summary": summary,
-            })
-        log(f"{name}: done in {seconds:.1f} s")
-        status[name] = {"status": "ran", "seconds": seconds}
+    if to_run:
+        log("plan: " + "; ".join(f"{s.name}: {_cost(s.name, config)}" for s in to_run))
+    folder = RunFolder(out)
+    folder.claim()
+    with folder.lock():
+        for stage in to_run:
+            status[stage.name] = _run_one(stage, ctx)
     if "load_model" in ctx.timings:
         status["_load_model"] = {"status": "ran", "seconds": ctx.timings["load_model"]}
     return status
+
+
+def _cost(name: str, c: RunConfig) -> str:
+    """What a stage costs, in model passes (the cost model of ECOSYSTEM.md): said before it runs."""
+    if name == "stats":
+        batches = math.ceil(c.n_tokens / max(c.seq_len - 1, 1) / c.batch_size)
+        bwd = c.n_probes if c.jacobian else 0
+        return (f"~{batches} batches of {c.batch_size}×{c.seq_len} tokens, 1 forward and {bwd} backward(s) each "
+                f"({batches * (1 + bwd)} passes)")
+    if name == "llc":
+        return (f"{c.llc_chains} chains × {c.llc_steps} steps per selection, 1 forward and 1 backward each, "
+                "plus the nβ sweep")
+    return "from saved files, no model passes"
+
+
+def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
+    """Run one stage into its staging folder, then move its outputs into place and write its marker last.
+    A failure or interrupt leaves the previous outputs and marker as they were."""
+    out, name, folder = ctx.out, stage.name, ctx.folder
+    inputs = {dep: read_marker(out, dep)["id"] for dep in stage.after}
+    folder.discard(name)
+    if ctx.force:
+        folder.discard_progress(name)
+    log = ctx.log
+    log(f"{name}: running")
+    t0 = time.perf_counter()
+    ctx.stage = None if stage.always else name
+    try:
+        outputs, summary = stage.run(ctx)
+    except BaseException:
+        folder.discard(name)
+        raise
+    finally:
+        ctx.stage = None
+    seconds = time.perf_counter() - t0
+    if not stage.always:
+        marker = _marker_path(out, name)
+        marker.unlink(missing_ok=True)  # the outputs change now: no marker until they all are in place
+        folder.commit(name, outputs)
+        write_json(marker, {
+            "stage": name, "id": uuid.uuid4().hex, "settings": stage.settings(ctx.config), "inputs": inputs,
+            "outputs": outputs, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "summary": summary,
+        })
+        folder.record(f"{name}.marker", [folder.relative(marker)])
+        folder.discard_progress(name)
+    log(f"{name}: done in {seconds:.1f} s")
+    return {"status": "ran", "seconds": seconds}
 
 
 @contextlib.contextmanager
@@ -398,10 +518,17 @@ def _forward_warnings(log: Callable[[str], None]) -> Iterator[None]:
 # the stages
 # ---------------------------------------------------------------------------------------------------------
 def _stats_settings(c: RunConfig) -> dict[str, Any]:
-    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
-            "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes, "precision": c.precision,
-            "n_tokens": c.n_tokens,
+    return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
+            "layers": c.layers, "sites": list(c.sites), "jacobian": c.jacobian, "n_probes": c.n_probes,
+            "precision": c.precision, "n_tokens": c.n_tokens,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "sync": c.sync, "seed": c.seed}
+
+
+def _fingerprints(c: RunConfig) -> dict[str, str | None]:
+    """Hashes of the files behind the model and data paths: a changed file at the same path is a changed
+    setting (refused without --force, recomputed with it)."""
+    return {"model_fingerprint": content_fingerprint(model_identity(c.model)),
+            "data_fingerprint": content_fingerprint(data_identity(c.data))}
 
 
 def _check_stats(ctx: RunContext) -> None:
@@ -419,20 +546,67 @@ def _run_stats(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     adapter = tld.ModelAdapter(model)
     sync = c.sync
     partial = ctx.folder.stats_partial
-    if partial.exists():
+    ctx.log(footprint_estimate(model, sites, data, jacobian=c.jacobian is not None, sync=sync,
+                               layers=ctx.layers, precision=c.precision))
+    if partial.exists() and ctx.force:
+        ctx.log(f"stats: --force: discarding the partial checkpoint {partial} and starting afresh")
+        _drop_partial(partial)
+    elif partial.exists():
         ctx.log(f"stats: resuming the interrupted pass from {partial}")
-    with _forward_warnings(ctx.log):
-        stats = tld.collect(
-            model, data, sites=sites, jacobian=c.jacobian, n_probes=c.n_probes, precision=c.precision, seed=c.seed,
-            head_sync=sync, neuron_sync=sync and adapter.d_mlp is not None, sync_layers=ctx.layers,
-            checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
-            progress=ctx.progress,
-        )
-    stats.save(ctx.folder.stats)
-    partial.unlink(missing_ok=True)
-    partial.with_suffix(".json").unlink(missing_ok=True)
+    try:
+        with _forward_warnings(ctx.log):
+            stats = tld.collect(
+                model, data, sites=sites, jacobian=c.jacobian, n_probes=c.n_probes, precision=c.precision,
+                seed=c.seed, head_sync=sync, neuron_sync=sync and adapter.d_mlp is not None, sync_layers=ctx.layers,
+                checkpoint=partial, checkpoint_every=max(1, math.ceil(len(data) / 10)), resume=True,
+                progress=ctx.progress,
+            )
+    except (IncompatibleStatsError, tld.CorruptFileError) as err:
+        if not partial.exists():
+            raise
+        raise BadInputError(
+            f"the partial checkpoint of an interrupted stats pass cannot be continued with these settings "
+            f"({' '.join(str(err).split(';')[0].split())}); pass --force to discard it and start afresh"
+        ) from None
+    stats.save(ctx.target.stats)
+    _drop_partial(partial)
     return ["stats.safetensors", "stats.json"], {"n_tokens": stats.n_tokens, "sites": stats.sites,
                                                   "collect_seconds": stats.meta.get("seconds")}
+
+
+def footprint_estimate(model: Any, sites: Sequence[str], data: tld.TokenBatches, *, jacobian: bool, sync: bool,
+                       layers: Sequence[int], precision: str = "accurate") -> str:
+    """One line, printed before the statistics pass: the disk a run will write and its memory peak.
+
+    Disk: the float64 statistics (their accumulators, :func:`tl_degeneracy.plan_memory`) and at most
+    ``3·8·d²`` bytes per site for the bases (interaction C and C⁺ of at most d rows, PCA C). Memory: the plan's
+    estimated peak. Example: ``stats: estimated disk ≤ 12.0 MiB (statistics 4.1 MiB, bases ≤ 7.9 MiB); ...``.
+    """
+    adapter = tld.ModelAdapter(model)
+    sync_layers = list(layers) if sync else []
+    plan = tld.plan_memory(model, list(sites), batch_size=data.batch_size, seq_len=data.seq_len, jacobian=jacobian,
+                           head_sync_layers=sync_layers,
+                           neuron_sync_layers=sync_layers if adapter.d_mlp is not None else [],
+                           precision=precision)
+    widths = [site_dim(model, s) for s in sites]
+    bases = 3 * 8 * sum(d * d for d in widths) if jacobian else 0
+    disk = plan.accumulator_bytes + bases
+    return (f"stats: estimated disk ≤ {_size(disk)} (statistics {_size(plan.accumulator_bytes)}, "
+            f"bases ≤ {_size(bases)}); estimated memory peak {_size(plan.peak_bytes())}; "
+            f"{data.n_counted} counted tokens in {len(data)} batches")
+
+
+def _size(n: float) -> str:
+    """Bytes for people, rounded up: ``_size(3.2e9) == '3.0 GiB'``, ``_size(5e6) == '4.8 MiB'``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale or unit == "MiB":
+            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _drop_partial(partial: Path) -> None:
+    for p in (partial, partial.with_suffix(".json"), *partial.parent.glob(f"{partial.stem}.pass*")):
+        p.unlink(missing_ok=True)
 
 
 def _basis_settings(c: RunConfig) -> dict[str, Any]:
@@ -447,20 +621,77 @@ def _run_basis(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             f"'{ctx.folder.stats}' holds no Jacobian statistics (collected with --jacobian none); "
             "the interaction basis needs them: re-run the stats stage with --jacobian kl --force"
         )
-    folder = ctx.folder.bases
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*"):
-        old.unlink()
+    bases, pcas = {}, {}
+    sites = list(stats.sites)
     with _forward_warnings(ctx.log):
-        bases = tld.interaction_bases(stats, center=True, rtol=c.rtol, atol=c.atol, scaling="sqrt_lambda")
-        pcas = {site: tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol) for site in bases}
+        for i, site in enumerate(sites):  # one site at a time, with a progress line each (large models: minutes)
+            t0 = time.perf_counter()
+            bases.update(tld.interaction_bases(stats, sites=[site], center=True, rtol=c.rtol, atol=c.atol,
+                                               scaling="sqrt_lambda"))
+            pcas[site] = dataclasses.replace(
+                tld.pca_basis(stats.gram(site), mean=stats.mean(site), rtol=c.rtol), source=bases[site].source)
+            ctx.log(f"basis: site {i + 1}/{len(sites)} {site}: d={bases[site].input_dim}, "
+                    f"dim={bases[site].dim}, {time.perf_counter() - t0:.1f} s")
     outputs, summary = [], {}
     for site, ib in bases.items():
         for kind, basis in (("interaction", ib), ("pca", pcas[site])):
-            path = basis.save(ctx.folder.basis(site, kind))
-            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+            path = basis.save(ctx.target.basis(site, kind))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
         summary[site] = {"d": ib.input_dim, "rank_G": ib.rank_G, "dim": ib.dim, "pca_dim": pcas[site].dim}
     return outputs, summary
+
+
+def _ablate_settings(c: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(c.model), "data": data_identity(c.data), "n_tokens": c.ablate_n_tokens,
+            "batch_size": c.ablate_batch_size, "seq_len": c.seq_len, "loss": "kl", "keep": "schedule",
+            "tolerance": c.ablate_tolerance}
+
+
+def _check_ablate(ctx: RunContext) -> None:
+    c = ctx.config
+    if not (isinstance(c.ablate_tolerance, int | float) and math.isfinite(c.ablate_tolerance)
+            and c.ablate_tolerance >= 0):
+        raise BadInputError(f"ablate_tolerance must be a finite number >= 0, got {c.ablate_tolerance!r}")
+    ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+
+
+def _run_ablate(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """KL ablation curves of the interaction and PCA bases at every site, with the quadratic prediction."""
+    c = ctx.config
+    stats = tld.Stats.load(ctx.folder.stats)
+    with_prediction = (stats.meta.get("jacobian") or {}).get("metric") == "kl"
+    data = ctx.data(n_tokens=c.ablate_n_tokens, batch_size=c.ablate_batch_size)
+    # an interrupted stage resumes site by site: the progress folder keeps each finished site's curves and
+    # the identity (settings, bases) they were made for
+    progress = ctx.progress_folder
+    identity = json_safe({"settings": _ablate_settings(c), "basis": (read_marker(ctx.out, "basis") or {}).get("id")})
+    if progress.root.is_dir() and not (progress.ablation_identity.is_file()
+                                       and read_json(progress.ablation_identity) == identity):
+        ctx.folder.discard_progress("ablate")
+    write_json(progress.ablation_identity, identity)
+    outputs, summary = [], {}
+    sites = ctx.folder.saved_bases("interaction")
+    for site, ib_path in sites.items():
+        bases = {"interaction": tld.InteractionBasis.load(ib_path),
+                 "pca": tld.InteractionBasis.load(ctx.folder.saved_bases("pca")[site])}
+        done = [tensor_path(progress.ablation_curve(site, kind)) for kind in bases]
+        if all(p.is_file() and p.with_suffix(".json").is_file() for p in done):
+            ctx.log(f"ablate: {site} (done before the interruption)")
+            curves = {kind: tld.AblationCurve.load(p) for kind, p in zip(bases, done, strict=True)}
+        else:
+            ctx.log(f"ablate: {site}")
+            with _forward_warnings(ctx.log):
+                curves = tld.ablation_curves(ctx.model, data, bases, site=site, loss="kl",
+                                             stats=stats if with_prediction else None, progress=ctx.progress)
+            for kind, curve in curves.items():
+                curve.save(progress.ablation_curve(site, kind))
+        summary[site] = {}
+        for kind, curve in curves.items():
+            path = curve.save(ctx.target.ablation_curve(site, kind))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
+            summary[site][kind] = {"directions_needed": tld.directions_needed(curve, c.ablate_tolerance),
+                                   "dim": curve.dim, "kl_at_dim": float(curve.loss[-1])}
+    return outputs, {"tolerance": c.ablate_tolerance, "sites": summary}
 
 
 def _sync_settings(c: RunConfig) -> dict[str, Any]:
@@ -475,10 +706,6 @@ def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
             f"'{ctx.folder.stats}' holds no synchronisation sums; "
             "re-run the stats stage with --sync --force"
         )
-    folder = ctx.folder.sync
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*"):
-        old.unlink()
     summary: dict[str, Any] = {"measure": c.sync_measure, "tau_heads": c.tau_heads,
                                "tau_neurons": c.tau_neurons, "layers": {}}
     outputs = []
@@ -486,15 +713,15 @@ def _run_sync(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     for kind, unit, analyse, tau in parts:
         for layer in stats.sync_layers(unit):
             result = analyse(stats, layer)
-            path = result.save(ctx.folder.sync_result(kind, layer))
-            outputs += [ctx.folder.relative(path), ctx.folder.relative(path.with_suffix(".json"))]
+            path = result.save(ctx.target.sync_result(kind, layer))
+            outputs += [ctx.target.relative(path), ctx.target.relative(path.with_suffix(".json"))]
             summary["layers"].setdefault(str(layer), {})[kind] = {
                 "n_units": result.n_units,
                 "dof": result.dof(tau, measure=c.sync_measure).to_dict(),
                 "sweep": result.sweep(measure=c.sync_measure, dof=False).to_dict(),
             }
-    write_json(ctx.folder.sync_summary, summary)
-    outputs.append(ctx.folder.relative(ctx.folder.sync_summary))
+    write_json(ctx.target.sync_summary, summary)
+    outputs.append(ctx.target.relative(ctx.target.sync_summary))
     brief = {layer: {k: len(v["dof"]["blocks"]) for k, v in parts_.items()}
              for layer, parts_ in summary["layers"].items()}
     return outputs, {"blocks": brief}
@@ -511,8 +738,8 @@ def llc_selections(params: Sequence[str], layers: Sequence[int]) -> list[str]:
 
 
 def _llc_settings(c: RunConfig) -> dict[str, Any]:
-    return {"model": model_identity(c.model), "data": data_identity(c.data), "layers": c.layers,
-            "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
+    return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
+            "layers": c.layers, "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
             "step_size": c.llc_step_size, "localization": c.llc_localization, "chains": c.llc_chains,
             "steps": c.llc_steps, "burnin": c.llc_burnin, "n_tokens": c.llc_n_tokens,
             "batch_size": c.llc_batch_size, "seq_len": c.seq_len, "seed": c.seed}
@@ -525,38 +752,81 @@ def _check_llc(ctx: RunContext) -> None:
     ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
 
 
+def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Callable[[RunFolder], Path], str, float, float]], list[float]]:
+    """Every estimate of the stage, in order, as (where in a run folder, selection, nβ, step size): each
+    selection at the base nβ, then the whole model at every other nβ of the sweep (the base nβ's whole-model
+    estimate is the 'all' selection's, not sampled again), with the step scaled by nβ_0/nβ_i so that step·nβ
+    stays that of the main estimate."""
+    c = ctx.config
+    selections = llc_selections(c.llc_params, ctx.layers)
+    nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
+    jobs: list[tuple[Callable[[RunFolder], Path], str, float, float]] = [
+        ((lambda f, sel=sel: f.llc_result(sel)), sel, c.llc_nbeta, c.llc_step_size) for sel in selections]
+    base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # as llc_scale_sweep scales it
+    for i, nb in enumerate(nbetas):
+        if nb == c.llc_nbeta and "all" in selections:
+            continue
+        jobs.append(((lambda f, i=i: f.llc_scale / f"run_{i:03d}"), "all", nb, base_step * nbetas[0] / nb))
+    return jobs, nbetas
+
+
+def _load_finished(folder: Path, key: str) -> Any:
+    """The LLCResult saved in ``folder`` by this very job (same stage settings, selection, nβ, step), or None."""
+    try:
+        result = tld.LLCResult.load(folder)
+    except Exception:  # noqa: BLE001 - missing, partial or unreadable: compute it again
+        return None
+    return result if result.settings.get("run_key") == key else None
+
+
 def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
+    """Resumable: each estimate is saved in the stage's progress folder as it finishes; a rerun loads the
+    finished ones (same settings: from the progress folder after an interrupt, or from the run folder's own
+    results) and computes only what is missing. The outputs go to the staging folder and replace the old
+    ones only when every estimate is done."""
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    folder = ctx.folder.llc
-    if folder.exists():
-        shutil.rmtree(folder)
     options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
                                "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
-    results: dict[str, Any] = {}
+    stage_key = json.dumps(json_safe(_llc_settings(c)), sort_keys=True)
+    jobs, nbetas = _llc_jobs(ctx)
+    progress = ctx.progress_folder
+    done: dict[tuple[str, float], Any] = {}
     with _forward_warnings(ctx.log):
-        for sel in llc_selections(c.llc_params, ctx.layers):
-            ctx.log(f"llc: sampling parameters '{sel}' at nβ = {c.llc_nbeta:g}")
-            results[sel] = tld.estimate_llc(model, data, params=sel, nbeta=c.llc_nbeta, step_size=c.llc_step_size,
-                                            **options)
-            results[sel].save(ctx.folder.llc_result(sel))
-        # λ(ε): the whole model at every nβ of the sweep, with the step size scaled by nβ/nβ_i so that
-        # step·nβ (what SGLD's stability on the loss depends on) stays that of the main estimate
-        nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
-        ctx.log(f"llc: nβ sweep of the whole model at nβ = {', '.join(f'{nb:g}' for nb in nbetas)}")
-        sweep = tld.llc_scale_sweep(model, data, nbetas=nbetas, step_size=c.llc_step_size * c.llc_nbeta / nbetas[0],
-                                    scale_step_size=True, params="all", **options)
-    sweep.save(ctx.folder.llc_scale)
-    write_json(ctx.folder.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
-                                         "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
-    outputs = [ctx.folder.relative(ctx.folder.llc_result(sel) / f"llc.{ext}") for sel in results
+        for where, sel, nb, step in jobs:
+            key = f"{stage_key}|{sel}|{nb!r}|{step!r}"
+            result = _load_finished(where(progress), key) or _load_finished(where(ctx.folder), key)
+            if result is not None:
+                ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} already computed, loaded")
+            else:
+                ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
+                result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, **options)
+                result.settings["run_key"] = key
+                result.save(where(progress))
+            done[(sel, nb)] = result
+    results = {sel: r for (sel, nb), r in done.items() if nb == c.llc_nbeta and _is_selection(ctx, sel)}
+    sweep = tld.LLCScaleSweep([done[("all", nb)] for nb in nbetas])
+    target = ctx.target
+    for (sel, nb), result in done.items():
+        if nb == c.llc_nbeta and _is_selection(ctx, sel):
+            result.save(target.llc_result(sel))
+    sweep.save(target.llc_scale)  # every nβ's whole-model result, the base nβ's being the 'all' selection's
+    write_json(target.llc_summary, {"loss": "kl", "selections": {sel: sel for sel in results},
+                                    "scale": "scale", "nbeta": c.llc_nbeta, "nbetas": nbetas})
+    outputs = [target.relative(target.llc_result(sel) / f"llc.{ext}") for sel in results
                for ext in ("json", "safetensors")]
-    outputs += [ctx.folder.relative(ctx.folder.llc_scale / "sweep.json"), ctx.folder.relative(ctx.folder.llc_summary)]
-    brief = {sel: {"llc_mean": r.llc_mean, "llc_std": r.llc_std, "eps_hat": r.eps_hat} for sel, r in results.items()}
+    outputs += [target.relative(target.llc_scale / "sweep.json"), target.relative(target.llc_summary)]
+    brief = {sel: {"llc_mean": r.llc_mean, "llc_se": r.llc_se, "llc_std": r.llc_std, "eps_hat": r.eps_hat,
+                   "verdict": r.verdict} for sel, r in results.items()}
     brief["scale"] = sweep.rows()
     return outputs, brief
+
+
+def _is_selection(ctx: RunContext, sel: str) -> bool:
+    """Whether ``sel`` is one of the stage's parameter selections (not only a sweep row)."""
+    return sel in llc_selections(ctx.config.llc_params, ctx.layers)
 
 
 def _report_settings(c: RunConfig) -> dict[str, Any]:
@@ -574,6 +844,9 @@ register(Stage("stats", "stream activation, Jacobian and synchronisation statist
                _run_stats, _stats_settings, requires=("collect", "resolve_sites", "load_model"), check=_check_stats))
 register(Stage("basis", "interaction and PCA bases per site", _run_basis, _basis_settings, after=("stats",),
                requires=("interaction_bases", "pca_basis")))
+register(Stage("ablate", "ablation curves of the interaction and PCA bases per site (KL, measured and predicted)",
+               _run_ablate, _ablate_settings, after=("stats", "basis"),
+               requires=("ablation_curves", "directions_needed"), check=_check_ablate))
 register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
                requires=("head_sync", "neuron_sync")))
 register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,

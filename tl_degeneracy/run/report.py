@@ -23,6 +23,7 @@ Folder layout read here (written by the stages in :mod:`tl_degeneracy.pipeline`)
     llc/summary.json                             which selections and sweep the llc stage saved
     llc/{selection}/                             LLCResult.save, one folder per parameter selection
     llc/scale/                                   LLCScaleSweep.save: one LLCResult per nβ
+    ablation/{site}.{interaction,pca}.*          AblationCurve.save (ablate stage)
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from tl_degeneracy._io import atomic_write, read_json, tensor_path
+from tl_degeneracy.analysis.ablation import directions_needed
 from tl_degeneracy.analysis.basis import InteractionBasis
 from tl_degeneracy.analysis.sync import HeadSync
+from tl_degeneracy.collection.ablation import AblationCurve
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep
 from tl_degeneracy.run.layout import RunFolder
@@ -53,7 +56,10 @@ from tl_degeneracy.sites import SITE_KINDS, site_kind, site_layer
 __all__ = [
     "RunResults",
     "SUMMARY_COLUMNS",
+    "architectural_ceiling",
+    "token_ceiling",
     "load_results",
+    "plot_ablation_curves",
     "plot_dim_curves",
     "plot_dims",
     "plot_head_sync",
@@ -76,13 +82,19 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "ib_dim": "IB dim",
     "pca_dim": "PCA dim",
     "top_lambda": "top Λ",
+    "ib_needed": "directions needed (interaction)",
+    "pca_needed": "directions needed (PCA)",
+    "G_ceiling": "rank G ≤ (tokens)",
+    "M_ceiling": "IB dim ≤ (architecture)",
     "head_blocks": "head blocks",
     "head_extra_dof": "head extra dof",
     "neuron_blocks": "neuron blocks",
     "neuron_extra_dof": "neuron extra dof",
     "llc": "LLC (layer)",
-    "llc_std": "± std",
+    "llc_se": "± s.e.",
+    "llc_std": "std over chains",
     "eps_hat": "ε̂",
+    "llc_verdict": "LLC verdict",
 }
 
 _DPI = 110
@@ -107,6 +119,7 @@ class RunResults:
         stats_meta: metadata of the streamed statistics (model, data, sites, settings).
         run: ``run.json`` (command, arguments, versions, timings, machine).
         stages: stage name -> the marker a finished stage left (settings, inputs, outputs, seconds).
+        ablation: site -> {basis kind -> :class:`~tl_degeneracy.AblationCurve`} (ablate stage).
     """
 
     folder: Path
@@ -119,6 +132,13 @@ class RunResults:
     stats_meta: dict[str, Any] | None = None
     run: dict[str, Any] | None = None
     stages: dict[str, Any] = field(default_factory=dict)
+    ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ablation_tolerance(self) -> float | None:
+        """The KL tolerance of the "directions needed" columns (the ablate stage's setting)."""
+        tol = ((self.stages.get("ablate") or {}).get("settings") or {}).get("tolerance")
+        return None if tol is None else float(tol)
 
     @property
     def sites(self) -> list[str]:
@@ -129,6 +149,20 @@ class RunResults:
     @property
     def empty(self) -> bool:
         return not (self.bases or self.pca or self.sync or self.llc or self.llc_scale or self.stats_meta)
+
+    def to_dataframe(self) -> Any:
+        """The summary table (:func:`summary_rows`, columns :data:`SUMMARY_COLUMNS`) as a ``pandas.DataFrame``.
+
+        Needs pandas (``pip install pandas``). Example::
+
+            df = tld.report.load_results("runs/demo").to_dataframe()
+            df[["site", "rank_G", "G_ceiling", "ib_dim", "M_ceiling", "pca_dim"]]
+        """
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("to_dataframe() needs pandas, which is not installed: pip install pandas") from err
+        return pd.DataFrame(summary_rows(self), columns=list(SUMMARY_COLUMNS))
 
 
 def sort_sites(names: Sequence[str] | set[str]) -> list[str]:
@@ -156,6 +190,9 @@ def load_results(folder: str | os.PathLike) -> RunResults:
         res.bases[site] = InteractionBasis.load(path)
     for site, path in run.saved_bases("pca").items():
         res.pca[site] = InteractionBasis.load(path)
+    for kind in ("interaction", "pca"):
+        for site, path in run.saved_ablation_curves(kind).items():
+            res.ablation.setdefault(site, {})[kind] = AblationCurve.load(path)
     if run.sync_summary.is_file():
         res.sync = read_json(run.sync_summary)
         for layer in res.sync.get("layers", {}):
@@ -174,6 +211,37 @@ def load_results(folder: str | os.PathLike) -> RunResults:
 # ---------------------------------------------------------------------------------------------------------
 # the summary table
 # ---------------------------------------------------------------------------------------------------------
+#: site kinds whose activation reaches the output only through a fixed linear map into the residual stream (or
+#: are the residual stream): the rank of their Jacobian Gram M is at most d_model
+_THROUGH_RESIDUAL = ("resid_pre", "resid_mid", "resid_post", "mlp_post", "attn_z", "ln_final")
+
+
+def architectural_ceiling(site: str, d: int, d_model: int | None) -> int:
+    """Upper bound on the rank of M, hence on the interaction-basis dimension, set by the architecture.
+
+    The output depends on a site only through the narrowest layer after it: ``mlp_post`` and ``attn_z`` feed
+    the residual stream through a fixed matrix (W_out, W_O), so rank M ≤ d_model even when d = d_mlp; residual
+    sites have d = d_model. ``mlp_pre`` passes an elementwise nonlinearity whose slope differs per token first,
+    so only d bounds it. A dimension at this ceiling says little about degeneracy.
+
+    Example: ``architectural_ceiling("blocks.0.mlp.hook_post", 512, 128) == 128``.
+    """
+    kind = site_kind(site)
+    if d_model is None or kind not in _THROUGH_RESIDUAL:
+        return d
+    return min(d, d_model)
+
+
+def token_ceiling(d: int, n_tokens: int | None, *, centered: bool = True) -> int:
+    """Upper bound on the rank of G from the number of counted tokens: a centred Gram of N tokens has rank ≤ N − 1.
+
+    Example: ``token_ceiling(3072, 2048) == 2047`` (too few tokens to see all 3072 directions).
+    """
+    if n_tokens is None:
+        return d
+    return max(0, min(d, n_tokens - (1 if centered else 0)))
+
+
 def summary_rows(results: RunResults) -> list[dict[str, Any]]:
     """One row per site (see :data:`SUMMARY_COLUMNS`); a value is ``None`` when its stage has not run.
 
@@ -181,6 +249,8 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
     ``blocks.{l}``) repeat on every site of the layer.
     """
     rows = []
+    d_model = (results.stats_meta or {}).get("model", {}).get("d_model")
+    n_tokens = (results.stats_meta or {}).get("n_tokens")
     layer_sync = (results.sync or {}).get("layers", {})
     for site in results.sites:
         layer = site_layer(site)
@@ -188,21 +258,32 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
         sync = layer_sync.get(str(layer), {}) if layer is not None else {}
         heads, neurons = sync.get("heads"), sync.get("neurons")
         llc = results.llc.get(f"blocks.{layer}") if layer is not None else None
+        curves = results.ablation.get(site, {})
+        tol = results.ablation_tolerance
+        needed = {kind: directions_needed(curves[kind], tol) if kind in curves and tol is not None else None
+                  for kind in ("interaction", "pca")}
+        d = ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None)
         rows.append({
             "layer": "final" if layer is None else layer,
             "site": site,
-            "d": ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None),
+            "d": d,
             "rank_G": ib.rank_G if ib is not None else (pca.rank_G if pca is not None else None),
+            "G_ceiling": token_ceiling(d, n_tokens) if d is not None else None,
             "ib_dim": ib.dim if ib is not None else None,
+            "M_ceiling": architectural_ceiling(site, d, d_model) if d is not None else None,
             "pca_dim": pca.dim if pca is not None else None,
             "top_lambda": float(ib.all_lambdas[0]) if ib is not None and ib.all_lambdas.numel() else None,
+            "ib_needed": needed["interaction"],
+            "pca_needed": needed["pca"],
             "head_blocks": len(heads["dof"]["blocks"]) if heads else None,
             "head_extra_dof": heads["dof"]["extra"] if heads else None,
             "neuron_blocks": len(neurons["dof"]["blocks"]) if neurons else None,
             "neuron_extra_dof": neurons["dof"]["extra"] if neurons else None,
             "llc": llc.llc_mean if llc is not None else None,
+            "llc_se": llc.llc_se if llc is not None else None,
             "llc_std": llc.llc_std if llc is not None else None,
             "eps_hat": llc.eps_hat if llc is not None else None,
+            "llc_verdict": llc.verdict if llc is not None else None,
         })
     return rows
 
@@ -215,12 +296,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: marks a value at its ceiling in the Markdown table (the rank of G at the token limit, the interaction-basis
+#: dimension at the architectural limit): such a number is set by the set-up, not by the model's degeneracy
+CEILING_MARK = " ▲"
+
+_CEILING_OF = {"rank_G": "G_ceiling", "ib_dim": "M_ceiling"}
+
+
+def _at_ceiling_mark(row: Mapping[str, Any], key: str) -> str:
+    ceiling = row.get(_CEILING_OF.get(key, ""))
+    value = row.get(key)
+    return CEILING_MARK if value is not None and ceiling is not None and value >= ceiling else ""
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The summary table as GitHub Markdown (numbers to 4 significant digits, ``–`` for not computed)."""
+    """The summary table as GitHub Markdown (numbers to 4 significant digits, ``–`` for not computed).
+
+    A rank of G at the token limit, or an interaction-basis dimension at the architectural limit, is marked
+    ``▲`` (:data:`CEILING_MARK`).
+    """
     lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |",
              "|" + "|".join("---" if k == "site" else "---:" for k in SUMMARY_COLUMNS) + "|"]
     for row in rows:
-        cells = [f"`{row['site']}`" if k == "site" else _fmt(row.get(k)) for k in SUMMARY_COLUMNS]
+        cells = [f"`{row['site']}`" if k == "site" else _fmt(row.get(k)) + _at_ceiling_mark(row, k)
+                 for k in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -264,6 +363,14 @@ def _site_label(site: str) -> str:
     return "final" if layer is None else f"layer {layer}"
 
 
+def _above_floor(values: torch.Tensor, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(1-based index, value) of the eigenvalues above the float64 noise floor (and above 0, for a log axis)."""
+    v = values.detach().cpu().double().numpy()
+    idx = np.arange(1, v.size + 1)
+    keep = v > max(floor, 0.0)
+    return idx[keep], v[keep]
+
+
 def _positive(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     v = values.detach().cpu().double().numpy()
     idx = np.arange(1, v.size + 1)
@@ -278,8 +385,9 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
     One column per site kind; top row: every eigenvalue of M̃ (``all_lambdas``), descending, on a log scale
     with the kept dimension in the legend; bottom row (when ``pca`` is given): the eigenvalues of the
     activation covariance G. Λ carries the output metric's units (it is invariant under a → R a), the PCA
-    variances the activation's units squared, so the two rows share the x axis only. Non-positive values
-    (rounding) are not drawn on the log scale.
+    variances the activation's units squared, so the two rows share the x axis only. Each spectrum is cut at
+    its float64 noise floor (``lambda_floor``), drawn as a dotted line of the same colour: values below it are
+    rounding, not data.
     """
     if not bases and not pca:
         raise BadInputError("plot_spectra needs at least one basis")
@@ -299,8 +407,10 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
                 if site not in source:
                     continue
                 basis = source[site]
-                x, y = _positive(basis.all_lambdas)
+                x, y = _above_floor(basis.all_lambdas, basis.lambda_floor)
                 ax.plot(x, y, color=colors[site], lw=1.3, label=f"{_site_label(site)} (dim {basis.dim})")
+                if basis.lambda_floor > 0:  # below this line the eigenvalues are float64 rounding, not data
+                    ax.axhline(basis.lambda_floor, color=colors[site], ls=":", lw=0.9, alpha=0.8)
             ax.set_yscale("log")
             ax.set_title(f"{kind}: {title}", fontsize=10)
             ax.set_xlabel("index i (descending)")
@@ -312,13 +422,16 @@ def plot_spectra(bases: Mapping[str, InteractionBasis],
 
 
 def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, InteractionBasis] | None = None,
-              *, rtol: float = 1e-3) -> Figure:
+              *, rtol: float = 1e-3, d_model: int | None = None, n_tokens: int | None = None) -> Figure:
     """Kept dimension per layer: interaction basis against PCA, one panel per site kind.
 
     Solid bars: the dimension at the tolerance the bases were built with (the summary table's ``IB dim``
     and ``PCA dim``); light bars: the number of eigenvalues above ``rtol`` × the largest (Λ for the
     interaction basis, variances for PCA), a coarser cut that shows how fast each spectrum falls. Black
-    ticks mark the rank of G and the dashed line the site's width d.
+    ticks mark the rank of G and the dashed line the site's width d. With ``d_model``: red ticks mark the
+    architectural ceiling of the interaction-basis dimension (:func:`architectural_ceiling`) and a dotted line
+    d_model; with ``n_tokens``: grey ticks mark the token limit of the rank of G (:func:`token_ceiling`) where it
+    is below d.
     """
     if not bases:
         raise BadInputError("plot_dims needs interaction bases")
@@ -339,13 +452,25 @@ def plot_dims(bases: Mapping[str, InteractionBasis], pca: Mapping[str, Interacti
             ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=color, alpha=alpha, label=label)
         ax.plot(x, [b.rank_G for b in ib], "k_", ms=22, mew=2, label="rank G")
         ax.axhline(ib[0].input_dim, color="0.4", ls="--", lw=1, label="width d")
+        if d_model is not None:
+            ax.plot(x, [architectural_ceiling(s, b.input_dim, d_model) for s, b in zip(sites, ib, strict=True)],
+                    "_", color="C3", ms=26, mew=2.5, label="IB dim ceiling (architecture)")
+            if d_model != ib[0].input_dim:
+                ax.axhline(d_model, color="C3", ls=":", lw=1, label="d_model")
+        if n_tokens is not None and token_ceiling(ib[0].input_dim, n_tokens) < ib[0].input_dim:
+            ax.plot(x, [token_ceiling(b.input_dim, n_tokens) for b in ib], "_", color="0.55", ms=26, mew=2.5,
+                    label="rank G ceiling (tokens)")
         ax.set_xticks(x, [_site_label(s).removeprefix("layer ") for s in sites])
         ax.set_title(f"{kind}: kept dimension per layer (table: rtol={ib[0].rtol:g})", fontsize=10)
         ax.set_xlabel("layer")
         ax.set_ylabel("dimension")
         ax.set_ylim(0, ib[0].input_dim * 1.12)
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every panel's entries once (d_model shows only where d ≠ d_model)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
     return fig
 
@@ -382,6 +507,49 @@ def plot_dim_curves(bases: Mapping[str, InteractionBasis], *, eps_hat: float | N
         ax.set_ylim(bottom=0)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
+    return fig
+
+
+def plot_ablation_curves(curves: Mapping[str, Mapping[str, Any]], *, tolerance: float | None = None) -> Figure:
+    """Loss against kept directions, one panel per site: interaction basis and PCA, measured and predicted.
+
+    ``curves``: site -> {basis kind -> :class:`~tl_degeneracy.AblationCurve`}. Solid lines with markers are
+    measured, dashed lines the quadratic prediction ½ tr(M (I − P_k) G_c (I − P_k)ᵀ) (SPEC §5c). Log scale
+    on the loss (zeros, e.g. at k = dim, are not drawn); the dotted line marks ``tolerance``.
+    """
+    if not curves:
+        raise BadInputError("plot_ablation_curves needs at least one curve")
+    sites = sort_sites(list(curves))
+    n_rows, n_cols = _grid(len(sites))
+    fig = Figure(figsize=(4.2 * n_cols, 3.3 * n_rows), dpi=_DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    colors = {"interaction": "tab:blue", "pca": "tab:orange"}
+    for ax, site in zip(axes, sites, strict=False):
+        label = "loss"
+        # values below 1e-12 of the largest loss on the panel are rounding (e.g. the prediction at k = dim)
+        top = max(float(c.loss.max()) for c in curves[site].values() if c.loss.numel())
+        floor = 1e-12 * top if top > 0 else 0.0
+        for kind, curve in curves[site].items():
+            color = colors.get(kind, "tab:gray")
+            k = np.asarray(curve.keep)
+            loss = curve.loss.detach().cpu().double().numpy()
+            pos = loss > floor
+            ax.plot(k[pos], loss[pos], "o-", color=color, ms=3, lw=1.3, label=f"{kind} measured")
+            if curve.predicted is not None:
+                pred = curve.predicted.detach().cpu().double().numpy()
+                ax.plot(k[pred > floor], pred[pred > floor], "--", color=color, lw=1.1, label=f"{kind} predicted")
+            label = {"kl": "KL(p ‖ p_ablated)", "ce": "Δ cross-entropy", "top1": "argmax changed"}.get(
+                curve.loss_kind, curve.loss_kind)
+        if tolerance is not None and tolerance > 0:
+            ax.axhline(tolerance, color="black", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(site, fontsize=9)
+        ax.set_xlabel("directions kept k")
+        ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes[len(sites):]:
+        ax.set_visible(False)
     return fig
 
 
@@ -492,7 +660,9 @@ def plot_llc_traces(results: Mapping[str, Any]) -> Figure:
             ax.plot(steps, trace[c], lw=0.8, alpha=0.8, label=f"chain {c}")
         ax.axvspan(0, res.n_burnin, color="0.85", zorder=0, label="burn-in")
         ax.axhline(res.llc_mean, color="k", ls="--", lw=1, label="λ̂")
-        ax.set_title(f"{name}: λ̂ = {res.llc_mean:.3g} ± {res.llc_std:.2g}, ε̂ = {res.eps_hat:.2g}", fontsize=9)
+        verdict = res.verdict if len(res.verdict) < 60 else res.verdict[:57] + "…"
+        ax.set_title(f"{name}: λ̂ = {res.llc_mean:.3g} ± {res.llc_se:.2g} (s.e.), ε̂ = {res.eps_hat:.2g}\n{verdict}",
+                     fontsize=8, color="k" if res.converged else "C3")
         ax.set_xlabel("SGLD step")
         ax.set_ylabel("nβ·(L − L(w*))")
         ax.grid(True, alpha=0.3)
@@ -506,7 +676,7 @@ def plot_llc_scale(results: Any) -> Figure:
     """λ̂(ε) and N_eff(ε) = 2λ̂(ε) (paper eq. 9) from LLC estimates at several nβ (an ``LLCScaleSweep``).
 
     Each point is one nβ; its loss scale is ε̂ = λ̂/nβ, so larger nβ probes smaller ε. Error bars are the
-    standard deviation across chains. The dashed line in the right panel is the number of sampled
+    standard errors of λ̂ (``LLCResult.llc_se``). The dashed line in the right panel is the number of sampled
     parameters, the value N_eff would take if no direction were degenerate at that scale.
     """
     results = list(getattr(results, "results", results))  # an LLCScaleSweep or a sequence of LLCResult
@@ -515,7 +685,7 @@ def plot_llc_scale(results: Any) -> Figure:
     res = sorted(results, key=lambda r: r.nbeta)
     eps = np.array([r.eps_hat for r in res])
     lam = np.array([r.llc_mean for r in res])
-    std = np.nan_to_num(np.array([r.llc_std for r in res]))
+    std = np.nan_to_num(np.array([r.llc_se for r in res]))
     fig = Figure(figsize=(10, 3.8), dpi=_DPI, layout="constrained")
     ax_l, ax_n = fig.subplots(1, 2)
     ax_l.errorbar(eps, lam, yerr=std, marker="o", capsize=3)
@@ -560,8 +730,10 @@ def write_report(folder: str | os.PathLike) -> Path:
         )
     run = RunFolder(res.folder)
     root = run.root
-    for old in run.plots.glob("*.png"):
-        old.unlink()
+    for rel in run.manifest().get("report", []):  # only the plots a report wrote; never a user's files
+        if rel.startswith("plots/"):
+            (root / rel).unlink(missing_ok=True)
+    foreign = {p: p.stat().st_mtime_ns for p in run.plots.glob("*.png")}  # a user's (or older) pictures
     rows = summary_rows(res)
     write_summary(rows, root)
     whole = res.llc.get("all")
@@ -570,7 +742,9 @@ def write_report(folder: str | os.PathLike) -> Path:
     sections: list[str] = []
     if res.bases:
         _save(plot_spectra(res.bases, res.pca or None), run.plot("spectra"))
-        _save(plot_dims(res.bases, res.pca or None), run.plot("dims"))
+        model_meta = (res.stats_meta or {}).get("model", {})
+        _save(plot_dims(res.bases, res.pca or None, d_model=model_meta.get("d_model"),
+                        n_tokens=(res.stats_meta or {}).get("n_tokens")), run.plot("dims"))
         _save(plot_dim_curves(res.bases, eps_hat=eps_hat), run.plot("dim_vs_eps"))
         ib = next(iter(res.bases.values()))
         sections.append(
@@ -586,12 +760,33 @@ def write_report(folder: str | os.PathLike) -> Path:
             f"Kept dimension per layer. Solid bars use the tolerance of the table (rtol = {ib.rtol:g} of the "
             "largest eigenvalue, above the float64 noise floor); light bars count eigenvalues above 10⁻³ of "
             "the largest; black ticks mark the rank of G. Where the interaction basis keeps fewer directions "
-            "than PCA, the activations vary along directions the output ignores.\n\n"
+            "than PCA, the activations vary along directions the output ignores. Red ticks mark the "
+            "architectural ceiling of the interaction-basis dimension: the rank of M is at most the width of the "
+            "narrowest layer after the site (d_model for the MLP output, which enters the residual stream "
+            "through W_out); grey ticks, where shown, the rank of G that the number of tokens allows (N − 1). "
+            "A dimension at a ceiling (▲ in the table) is set by the architecture or the data size, not by the "
+            "model's degeneracy. The dotted lines in the spectra are each site's float64 noise floor.\n\n"
             "![dimension against epsilon](plots/dim_vs_eps.png)\n\n"
             "Interaction-basis dimension against the noise scale ε: the number of directions whose Λ exceeds "
             "ε. In the paper's finite-data picture (§2.2.2) a direction below ε is degenerate at that scale, "
             "so this curve is the layer's dimension as a function of how much behaviour one is willing to "
             "ignore." + (" The dotted line is ε̂ of the whole-model LLC estimate." if eps_hat else "") + "\n"
+        )
+    if res.ablation:
+        tol = res.ablation_tolerance
+        _save(plot_ablation_curves(res.ablation, tolerance=tol), run.plot("ablation"))
+        n_tok = next(iter(next(iter(res.ablation.values())).values())).n_tokens
+        sections.append(
+            "## Ablation curves (does the basis hold what the model uses?)\n\n"
+            "![ablation curves](plots/ablation.png)\n\n"
+            "At each site the activations are rotated into a basis, only the top k directions are kept and "
+            "everything else is replaced by its mean; the curve is the mean KL divergence of the ablated model's "
+            f"predictions from the original's over {n_tok} output positions. Solid: measured; dashed: the "
+            "quadratic prediction ½ tr(M (I − P_k) G_c (I − P_k)ᵀ), which neglects cross-position terms and "
+            "curvature beyond second order. A basis that holds what the model uses reaches a small loss with "
+            "few directions; the interaction basis should need no more than PCA. "
+            + (f"The table's 'directions needed' is the smallest measured k whose KL stays within "
+               f"{tol:g} nats (on the curve's schedule of k)." if tol is not None else "") + "\n"
         )
     if res.sync:
         if res.head_sync:
@@ -622,7 +817,7 @@ def write_report(folder: str | os.PathLike) -> Path:
             "parameters (`blocks.l`), where L_B is the KL divergence from the original model's predictions. "
             "λ̂ is the post-burn-in mean; traces should rise and level off. A smaller λ̂ means a more "
             "degenerate (simpler) solution at the loss scale ε̂ = λ̂/nβ. "
-            + _llc_settings_sentence(res.llc) + "\n"
+            + _llc_settings_sentence(res.llc) + "\n\n" + _llc_estimates_table(res.llc) + "\n"
         )
     if res.llc_scale:
         _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
@@ -634,7 +829,8 @@ def write_report(folder: str | os.PathLike) -> Path:
             "scale; N_eff grows as ε shrinks and finer behaviour counts.\n"
         )
 
-    missing = [name for name, have in (("interaction basis", res.bases), ("synchronisation", res.sync),
+    missing = [name for name, have in (("interaction basis", res.bases), ("ablation curves", res.ablation),
+                                       ("synchronisation", res.sync),
                                        ("LLC", res.llc)) if not have]
     header = _header(res)
     body = "\n".join(sections)
@@ -644,13 +840,45 @@ def write_report(folder: str | os.PathLike) -> Path:
         sync_note = (f" Head and neuron blocks are counted at τ = {res.sync.get('tau_heads'):g} and "
                      f"τ = {res.sync.get('tau_neurons'):g} on the {res.sync.get('measure', '').replace('_', ' ')}; "
                      "extra dof is the freedom synchronisation adds (Σ_S r_S² − Σ_u r_u²).")
+    if whole is not None:
+        header += (f"\n**Whole-model behavioral LLC** at nβ = {whole.nbeta:g}: λ̂ = {whole.llc_mean:.4g} ± "
+                   f"{whole.llc_se:.2g} (s.e.), ε̂ = {whole.eps_hat:.3g}, N_eff = {whole.n_eff:.4g}; {whole.verdict}.\n")
     index = (f"# tl-degeneracy report\n\n{header}\n## Summary per layer\n\n"
              "One row per site: width d, rank of the activation covariance G, kept dimension of the interaction "
-             "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. The synchronisation and "
+             "basis (IB) and of PCA at the same relative tolerance, and the largest Λ. Two ceilings are set by the "
+             "set-up rather than the model: the rank of G is at most N − 1 for N counted tokens, and the IB "
+             "dimension at most the width of the narrowest layer after the site (d_model for the MLP output); "
+             "a value at its ceiling is marked ▲. The synchronisation and "
              "LLC columns belong to the site's layer and repeat; the LLC is that of the layer's parameters "
              f"(`blocks.l`) with its loss scale ε̂.{sync_note} Also in [summary.csv](summary.csv).\n\n"
              f"{summary_markdown(rows)}\n{body}{note}")
-    return atomic_write(run.index, lambda tmp: Path(tmp).write_text(index))
+    path = atomic_write(run.index, lambda tmp: Path(tmp).write_text(index))
+    if run.manifest_path.is_file():
+        plots = sorted(p for p in run.plots.glob("*.png") if foreign.get(p) != p.stat().st_mtime_ns)
+        run.record("report", [run.relative(p) for p in (run.summary_csv, run.summary_md, run.index, *plots)])
+    return path
+
+
+def _llc_estimates_table(results: Mapping[str, Any]) -> str:
+    """Every estimate with its standard error and verdict (the whole model first)."""
+    lines = ["| parameters | λ̂ ± s.e. | ESS | MALA acceptance | R̂ | verdict |", "|---|---|---|---|---|---|"]
+    for name in sorted(results, key=lambda n: (n != "all", n)):
+        r = results[name]
+        d = r.diagnostics
+        acc = [a for a in d.get("mala_acceptance", []) if isinstance(a, float) and math.isfinite(a)]
+        lines.append(f"| `{name}` | {r.llc_mean:.4g} ± {r.llc_se:.2g} | {_fmt(d.get('ess_bulk'))} | "
+                     f"{_fmt(sum(acc) / len(acc) if acc else None)} | {_fmt(d.get('r_hat_rank'))} | {r.verdict} |")
+    return ("λ̂ ± its standard error: the Monte-Carlo standard error of the post-burn-in mean over all chains, "
+            "from their spread and effective sample size (ESS). The verdict requires mean MALA acceptance ≥ 0.9, "
+            "rank-normalised R̂ ≤ 1.1, bulk ESS ≥ 50, a trace whose last two quarters agree, and no divergence.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def llc_warnings(folder: str | os.PathLike) -> list[str]:
+    """One line per LLC estimate of a run folder that is not converged (for the command's closing summary)."""
+    res = load_results(folder)
+    return [f"LLC '{name}': λ̂ = {r.llc_mean:.4g} ± {r.llc_se:.2g}, {r.verdict}" for name, r in res.llc.items()
+            if not r.converged]
 
 
 def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
