@@ -7,6 +7,14 @@ mode's error against the accurate mode on the same tokens. With --size xl it pri
 
     python benchmarks/bench_throughput.py --device cuda --size small --n-tokens 262144
     python benchmarks/bench_throughput.py --device cpu --size small --n-tokens 512 --batch-size 2   # CPU
+
+``--ratio`` (issue 21) instead measures, side by side in one run with interleaved repeats, ``collect`` (KL
+Jacobian, K = ``--probes``, no sync) against a forward plus one activation backward of the same model on the
+same tokens (the backward from the logits to the residual stream before layer 0, frozen weights: the floor a
+Jacobian pass cannot beat), prints the median ratio, the achieved TFLOP/s against the cost model, and the
+per-operator CPU times of one collect call from ``torch.profiler``:
+
+    python benchmarks/bench_throughput.py --ratio --device cpu --n-layer 2 --n-tokens 1016 --threads 1
 """
 
 from __future__ import annotations
@@ -53,9 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-budget", type=float, default=None, help="bytes; default: the device's free memory")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=str(HERE / "results.jsonl"))
+    p.add_argument("--ratio", action="store_true", help="collect against forward + one activation backward")
+    p.add_argument("--n-layer", type=int, default=None, help="override the depth (with --ratio)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (with --ratio)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ratio:
+        ratio_run(args)
+        return
 
     model = gpt2_shaped_model(args.size, device=args.device)
     shape = ModelShape.of(model)
@@ -116,6 +130,83 @@ def main(argv: list[str] | None = None) -> None:
                   "(M includes probe-sampling differences where bf16 changes a sampled token)")
             record(Path(args.out), dict(bench="fast_vs_accurate", device=device_name(args.device), n_probes=k,
                                         rel_err_G=g, rel_err_M=m, command=" ".join(sys.argv)))
+
+
+def reference_pass(model, data) -> None:
+    """A forward plus one backward from the logits to the residual stream before layer 0 (random cotangent),
+    with the weights frozen: no weight gradient, like the Jacobian pass."""
+    from tl_degeneracy.adapter import as_adapter
+
+    adapter = as_adapter(model)
+    gen = torch.Generator(device=adapter.device).manual_seed(0)
+    with adapter.eval_mode(), adapter.frozen_parameters():
+        for batch in data:
+            held = {}
+
+            def cut(act, hook, held=held):
+                held["leaf"] = act.detach().requires_grad_(True)
+                return held["leaf"]
+
+            with adapter.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", cut)]):
+                logits = adapter.forward(batch.tokens.to(adapter.device))
+                u = torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
+                torch.autograd.grad(logits, held.pop("leaf"), u)
+            del logits, u
+
+
+def ratio_run(args) -> None:
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model = gpt2_shaped_model(args.size, device=args.device, n_layer=args.n_layer)
+    shape = ModelShape.of(model)
+    sites = tld.resolve_sites(model, ["resid_pre", "mlp_post"])
+    k = int(args.probes.split(",")[0])
+    tokens = torch.randint(0, shape.d_vocab, (-(-args.n_tokens // (args.seq_len - 1)), args.seq_len),
+                           generator=torch.Generator().manual_seed(0))
+    data = tld.token_batches(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                             n_tokens=args.n_tokens)
+    cost = cost_model(shape, seq_len=args.seq_len, site_dims=[site_dim(model, s) for s in sites], jacobian=True)
+    kw = dict(sites=sites, jacobian="kl", n_probes=k, precision=args.precisions.split(",")[0],
+              memory_budget=None, progress=False)
+
+    def timed(fn) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(lambda: reference_pass(model, data))  # warm-up
+    ours, ref = [], []
+    for _ in range(args.repeats):
+        ours.append(timed(lambda: tld.collect(model, data, **kw)))
+        ref.append(timed(lambda: reference_pass(model, data)))
+    ratios = [a / b for a, b in zip(ours, ref, strict=True)]
+    t = statistics.median(ours)
+    tps = data.n_counted / t
+    print(f"device: {device_name(args.device)}; GPT-2-{args.size}-shaped, {shape.n_layers} layers; {len(sites)} "
+          f"sites; KL, K={k}; {data.n_counted} counted tokens; {args.repeats} interleaved repeats")
+    print("| collect s (median) | forward+backward s (median) | ratio (median; all) | tokens/s | "
+          "achieved TFLOP/s | cost-model ratio |")
+    print("|---|---|---|---|---|---|")
+    model_ratio = cost.total(k) / (2 * cost.forward)
+    print(f"| {t:.2f} | {statistics.median(ref):.2f} | {statistics.median(ratios):.2f}; "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} | {tps:,.0f} | {tps * cost.total(k) / 1e12:.3f} | "
+          f"{model_ratio:.2f} |")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device != "cpu" else [])) \
+            as prof:
+        tld.collect(model, data, **kw)
+    print("\nper-operator self CPU time of one collect call (torch.profiler):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    record(Path(args.out), dict(bench="ratio", device=device_name(args.device), size=args.size,
+                                n_layers=shape.n_layers, n_probes=k, tokens=data.n_counted, collect_s=ours,
+                                reference_s=ref, ratio=statistics.median(ratios), tokens_per_s=tps,
+                                tflops=tps * cost.total(k) / 1e12, cost_model_ratio=model_ratio,
+                                command=" ".join(sys.argv)))
 
 
 if __name__ == "__main__":

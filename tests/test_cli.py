@@ -26,7 +26,7 @@ from tl_degeneracy.run.pipeline import Stage, parse_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("resid_pre", "mlp_post")
-N_LAYERS = 2  # of the tiny GPT-2 in conftest.save_tiny_gpt2
+N_LAYERS = 2  # of the tiny GPT-2 in tiny.save_tiny_gpt2
 # small and short: the whole pipeline on the tiny model in a few seconds
 FAST = ["--seq-len", "16", "--n-tokens", "450", "--batch-size", "8", "--n-probes", "2", "--llc-steps", "8",
         "--llc-burnin", "2", "--llc-chains", "2", "--llc-n-tokens", "60", "--llc-batch-size", "4",

@@ -1,6 +1,6 @@
 """The behavioral-loss LLC of a TransformerLens model (SPEC §5): selections, masks, state, scale sweep.
 
-Tiny random models (conftest.make_tiny_model: 2 layers, d_model 32, 4 heads of 8, vocabulary 50), a few
+Tiny random models (tiny.make_tiny_model: 2 layers, d_model 32, 4 heads of 8, vocabulary 50), a few
 hundred SGLD steps: enough to order estimates that differ by large factors, not to pin values.
 """
 

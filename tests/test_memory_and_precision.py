@@ -153,3 +153,20 @@ def test_fast_precision_runs_every_component_and_keeps_sync_sums_float32():
     for site in acc.sites:
         g = acc.jacobian_gram(site)
         assert float((fast.jacobian_gram(site) - g).norm() / g.norm()) < 0.5  # same probes up to bf16 flips
+
+
+def test_plan_reports_the_weights_once_and_keeps_them_out_of_the_budget():
+    from tl_degeneracy.collection.memory import weight_bytes
+
+    model = make_tiny_model()
+    module = getattr(model, "model", model)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.parameters(), *module.buffers()]}
+    assert weight_bytes(model) == sum(storages.values()) > 0
+    plan = plan_memory(model, tld.resolve_sites(model, SITES), batch_size=2, seq_len=12)
+    assert plan.weight_bytes == weight_bytes(model)
+    assert plan.total_bytes() == plan.peak_bytes() + plan.weight_bytes
+    assert plan.to_dict()["total_bytes"] == plan.total_bytes()
+    # GPT-2 small from its shape: 124.4M parameters with the unembedding tied, 163.0M untied (counted here)
+    small = weight_bytes(ModelShape.gpt2("small"))
+    assert abs(small / 4 - (124_439_808 + 768 * 50257 + 50257)) < 0.01 * small / 4

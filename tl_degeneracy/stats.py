@@ -35,6 +35,8 @@ from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 # metadata entries that must agree for totals to be added (merge) or continued (resume)
 _IDENTITY_KEYS = ("model", "sites", "jacobian_metric", "head_sync", "neuron_sync", "precision", "format")
 FORMAT_VERSION = 1
+#: elements per chunk of the in-place float32 → float64 additions on the CPU (512 KiB of float64)
+ADD_CHUNK = 1 << 16
 
 
 class Stats:
@@ -124,13 +126,28 @@ class Stats:
 
         Totals stay on the device they were created on (the model's, during :func:`collect`), so a GPU run
         never copies d×d increments to the host per batch.
+
+        In place and without a full float64 temporary: each element of a float32 increment is converted to
+        float64 exactly (every float32 is a float64) before the float64 addition, so the totals are bit-identical
+        to converting first. On the CPU a mixed-dtype ``add_`` would still cast the whole increment into a fresh
+        float64 matrix first (d×d per statistic and batch: page faults and memory), so it runs over chunks of
+        :data:`ADD_CHUNK` elements, whose casts stay in cache; CUDA casts inside the kernel.
         """
         for key, inc in increments.items():
-            inc = inc.detach().to(torch.float64 if inc.is_floating_point() else torch.int64)
-            if key in self.tensors:
-                self.tensors[key] += inc.to(self.tensors[key].device)
-            else:
-                self.tensors[key] = inc.clone()
+            inc = inc.detach()
+            dtype = torch.float64 if inc.is_floating_point() else torch.int64
+            if key not in self.tensors:
+                self.tensors[key] = inc.to(dtype, copy=True, memory_format=torch.contiguous_format)
+                continue
+            total = self.tensors[key]
+            inc = inc.to(total.device)
+            if (total.device.type != "cpu" or inc.dtype == total.dtype or inc.shape != total.shape
+                    or not total.is_contiguous()):
+                total.add_(inc)
+                continue
+            flat_total, flat_inc = total.view(-1), inc.reshape(-1)
+            for start in range(0, flat_total.numel(), ADD_CHUNK):
+                flat_total[start:start + ADD_CHUNK].add_(flat_inc[start:start + ADD_CHUNK])
 
     def to(self, device: str | torch.device) -> Stats:
         """Move the totals to ``device`` in place (returns self)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,11 @@ class BatchContext:
     ``mask`` [B, T] (on the model's device) marks counted positions; ``output_mask`` the output positions
     (SPEC §5b; the counted ones unless the data says otherwise); ``increments`` collects this batch's sums;
     ``generator`` is seeded from (seed, batch index) so a resumed run draws the same probes.
+    ``scratch`` holds what a component's hooks share during the batch (keyed by the component); it is the only
+    place for such state, and :func:`run_batch` empties it in a ``finally``, so that nothing of the batch
+    (activations, the autograd graph, gradients) outlives it. This matters: backward hooks registered with
+    ``register_full_backward_hook`` hang on the graph's ``grad_fn`` nodes, so a hook closure that reaches a
+    tensor of the graph forms a reference cycle through C++ that ``gc`` cannot break (issue 13).
     """
 
     batch: TokenBatch
@@ -58,6 +63,15 @@ class BatchContext:
     adapter: ModelAdapter
     precision: str = "accurate"
     outputs: Bool[torch.Tensor, "batch pos"] | None = None
+    scratch: dict[Any, Any] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Drop every per-batch object the components left in ``scratch`` (each value's ``clear()`` first)."""
+        for value in self.scratch.values():
+            clear = getattr(value, "clear", None)
+            if callable(clear):
+                clear()
+        self.scratch.clear()
 
     @property
     def output_mask(self) -> Bool[torch.Tensor, "batch pos"]:
@@ -107,6 +121,14 @@ def flatten_site(act: torch.Tensor, name: str) -> Float[torch.Tensor, "batch pos
 
 
 def check_finite(x: torch.Tensor, what: str, ctx: BatchContext) -> None:
+    """Stop with :class:`NonFiniteError` naming ``what`` and the batch if ``x`` holds a NaN or an inf.
+
+    NaN and ±inf propagate through a sum, so a finite sum proves every entry finite without the
+    ``isfinite(x)`` boolean copy of ``x`` (a [tokens, vocab] temporary for the logits). Only a non-finite sum
+    (which a sum of huge finite entries can also give) runs the elementwise check.
+    """
+    if x.numel() == 0 or not x.is_floating_point() or bool(torch.isfinite(x.sum())):
+        return
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(
             f"NaN or inf in {what} at batch {ctx.batch.index}; this batch was not added and any checkpoint "
@@ -174,14 +196,18 @@ def run_batch(
         fwd = _with_early_stop(fwd, ctx)
     logits = None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "fast")
-    with adapter.hooks(fwd_hooks=fwd, bwd_hooks=bwd), autocast:
-        with torch.set_grad_enabled(needs_logits):
-            try:
-                logits = adapter.forward(batch.tokens.to(device))
-            except _StopForward:
-                pass
-        for c in comps:
-            c.after_forward(ctx, logits)
+    try:
+        with adapter.hooks(fwd_hooks=fwd, bwd_hooks=bwd), autocast:
+            with torch.set_grad_enabled(needs_logits):
+                try:
+                    logits = adapter.forward(batch.tokens.to(device))
+                except _StopForward:
+                    pass
+            for c in comps:
+                c.after_forward(ctx, logits)
+    finally:  # break every path from the hook closures to the batch's graph, also after an exception
+        ctx.release()
+        del logits, fwd, bwd
     for key, value in ctx.increments.items():
         if value.is_floating_point():
             check_finite(value, f"the statistic '{key}'", ctx)
@@ -231,6 +257,7 @@ def run_pass(
                     continue
                 increments = run_batch(adapter, comps, batch, seed, precision=precision)
                 stats.add_(increments)
+                del increments  # else the batch's float32 increments stay alive through the next batch
                 n_batch = int(batch.mask.sum())
                 stats.meta["n_tokens"] += n_batch
                 stats.meta["batches_done"] = batch.index + 1

@@ -60,6 +60,7 @@ from jaxtyping import Float, Int
 
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.engine import BatchContext, Component, Hook, check_finite, flatten_site
+from tl_degeneracy.collection.kernels import sample_categorical, softmax_rows_
 from tl_degeneracy.collection.probes import topk_tail_draws
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.sites import hook_name, site_kind, site_layer
@@ -119,12 +120,17 @@ class _OutputMap:
 
 @dataclass
 class _BatchState:
-    """What this component's hooks share during one batch."""
+    """What this component's hooks share during one batch; owned by the batch's ``ctx.scratch`` and cleared
+    with it (the unembedding input leads back through its ``grad_fn`` to the backward hooks, whose closures
+    reach this state: a cycle through C++ that only clearing breaks)."""
 
-    ctx: BatchContext
     leaf: torch.Tensor | None = None
     unembed_in: torch.Tensor | None = None
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.leaf = self.unembed_in = None
+        self.grads = {}
 
 
 class JacobianMoments(Component):
@@ -161,7 +167,6 @@ class JacobianMoments(Component):
         self.unembedding = self.adapter.unembedding()
         if self.unembedding is not None:  # ‖W_U[:, j]‖ for the per-batch check of o = x W_U + b_U
             self._unembed_col_norms = self.unembedding.W_U.float().norm(dim=0)
-        self._state: _BatchState | None = None
         self._warned_fallback = False
 
     # ---- Component interface ----------------------------------------------------------------------
@@ -230,7 +235,8 @@ class JacobianMoments(Component):
                 return
             work = torch.promote_types(logits.dtype, torch.float32)
             # p_s at the output positions (kl only: F = I needs no probabilities)
-            p = torch.softmax(logits.detach()[out_mask].to(work), dim=-1) if self.metric == "kl" else None
+            # the boolean gather copies the output rows; the softmax then runs in place on that copy
+            p = softmax_rows_(logits.detach()[out_mask].to(work)) if self.metric == "kl" else None
             out = self._output_map(ctx, state, logits, work)
             positions = out_mask.nonzero()  # [n_out, 2] (sequence, position), in the order of z[out_mask]
             if self.estimator == "probe":
@@ -251,14 +257,13 @@ class JacobianMoments(Component):
                     outer[site] = outer[site].add_(inc) if site in outer else inc
             for site, total in outer.items():
                 ctx.add(f"jac/{site}/outer", total)
-        finally:
-            self._state = None
+        finally:  # run_batch clears ctx.scratch too; clearing here frees the graph before the next component
+            state.clear()
 
     # ---- internals --------------------------------------------------------------------------------
     def _batch_state(self, ctx: BatchContext) -> _BatchState:
-        if self._state is None or self._state.ctx is not ctx:
-            self._state = _BatchState(ctx)
-        return self._state
+        """This component's state for the batch of ``ctx`` (created on first use, kept in ``ctx.scratch``)."""
+        return ctx.scratch.setdefault(("JacobianMoments", id(self)), _BatchState())
 
     def _output_map(
         self, ctx: BatchContext, state: _BatchState, logits: torch.Tensor, work: torch.dtype
@@ -301,7 +306,7 @@ class JacobianMoments(Component):
         K, rows = self.n_probes, slice(None)
         if p is not None:  # kl
             pA = out.apply(p)  # W_U p per token, shared by the K probes
-            y = torch.multinomial(p, K, replacement=True, generator=ctx.generator)  # [n, K], y ~ Categorical(p)
+            y = sample_categorical(p, K, generator=ctx.generator)  # [n, K], y ~ Categorical(p)
             for k in range(K):
                 yield 1.0 / K, rows, out.rows(y[:, k], work) - pA  # (e_y − p) A
         else:  # mse: Rademacher u (E[u uᵀ] = I), drawn in place in the working dtype, then u A

@@ -8,6 +8,14 @@ Before a run we estimate, from the model's config alone, the bytes held by
 - the *working set* of one batch: the activations the forward (and, with a Jacobian, the autograd graph the
   backward needs) keeps alive, and the logits with their softmax and probe.
 
+What the plan leaves out because the passes do not allocate it (issue 13): no per-batch object outlives its
+batch (the engine clears every hook's state in a ``finally`` and drops a batch's increments before the next
+batch starts); the float64 totals are added in place (``Stats.add_``: no float64 copy of a float32 increment);
+the NaN/inf checks reduce to a sum (no boolean copy of the logits). The model's weights are reported
+(:attr:`MemoryPlan.weight_bytes`, :meth:`MemoryPlan.total_bytes`) but do not compete for the budget, which is
+the free memory once they are loaded; ``BUDGET_FRACTION`` leaves room for allocator slack and library
+workspaces. Measured against the plan: ``benchmarks/bench_memory.py``.
+
 If the sum does not fit the budget (the device's free memory, or ``memory_budget=`` bytes), the units are
 split into groups, one pass over the data each (every pass draws the same probes, so the totals equal a
 single pass), and if one unit plus the working set still does not fit, the batch is halved. The plan says
@@ -66,14 +74,22 @@ class MemoryPlan:
     accumulator_bytes: int
     budget_bytes: int | None
     notes: list[str] = field(default_factory=list)
+    #: the model's parameters and buffers (resident before the run; not part of what the budget must hold,
+    #: since the device's free memory already excludes them, but part of the peak)
+    weight_bytes: int = 0
 
     @property
     def n_passes(self) -> int:
         return len(self.passes)
 
     def peak_bytes(self) -> int:
-        """Estimated peak: the working set plus the largest pass's accumulators."""
+        """Estimated peak the run adds to the resident weights: the working set plus the largest pass's
+        accumulators (what must fit the budget, the device's free memory once the model is loaded)."""
         return self.working_bytes + max(sum(u.bytes for u in group) for group in self.passes)
+
+    def total_bytes(self) -> int:
+        """Estimated peak of the whole device (or process, less the interpreter): weights + :meth:`peak_bytes`."""
+        return self.weight_bytes + self.peak_bytes()
 
     def describe(self) -> str:
         gib = 1024**3
@@ -81,8 +97,10 @@ class MemoryPlan:
         lines = [
             f"memory plan: {self.n_passes} pass(es), batch size {self.batch_size} "
             f"(requested {self.requested_batch_size}), budget {budget}",
-            f"  accumulators {self.accumulator_bytes / gib:.3f} GiB in all; working set "
-            f"{self.working_bytes / gib:.3f} GiB per batch; estimated peak {self.peak_bytes() / gib:.3f} GiB",
+            f"  weights {self.weight_bytes / gib:.3f} GiB; accumulators {self.accumulator_bytes / gib:.3f} GiB in "
+            "all; working set "
+            f"{self.working_bytes / gib:.3f} GiB per batch; estimated peak {self.peak_bytes() / gib:.3f} GiB "
+            f"({self.total_bytes() / gib:.3f} GiB with the weights)",
         ]
         lines += [f"  pass {i}: {len(g)} units, {sum(u.bytes for u in g) / gib:.3f} GiB" for i, g in
                   enumerate(self.passes)]
@@ -93,9 +111,30 @@ class MemoryPlan:
             "n_passes": self.n_passes, "batch_size": self.batch_size,
             "requested_batch_size": self.requested_batch_size, "working_bytes": self.working_bytes,
             "accumulator_bytes": self.accumulator_bytes, "budget_bytes": self.budget_bytes,
-            "peak_bytes": self.peak_bytes(), "notes": list(self.notes),
+            "weight_bytes": self.weight_bytes, "peak_bytes": self.peak_bytes(), "total_bytes": self.total_bytes(),
+            "notes": list(self.notes),
             "passes": [[u.name for u in g] for g in self.passes],
         }
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (distinct storages, so tied weights count once).
+
+    For a :class:`~tl_degeneracy.adapter.ModelShape` (no weights loaded) the float32 count of a GPT-2-style
+    model with an untied unembedding: embeddings, per layer 4 d² + 2 d·d_mlp weights with biases and two
+    LayerNorms, the final LayerNorm and W_U.
+    """
+    module = getattr(model, "model", model)
+    if isinstance(module, torch.nn.Module):
+        storages: dict[int, int] = {}
+        for t in [*module.parameters(), *module.buffers()]:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return sum(storages.values())
+    a = as_adapter(model)
+    d, m, V = a.d_model, a.d_mlp or 0, a.d_vocab
+    per_layer = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d
+    return F32 * (V * d + a.n_ctx * d + a.n_layers * per_layer + 2 * d + d * V + V)
 
 
 def site_totals_bytes(d: int, *, jacobian: bool) -> int:
@@ -191,7 +230,8 @@ def plan_memory(
                                  precision=precision)
 
     if budget_bytes is None:
-        return MemoryPlan([units], batch_size, batch_size, working(batch_size), total, None)
+        return MemoryPlan([units], batch_size, batch_size, working(batch_size), total, None,
+                          weight_bytes=weight_bytes(model))
     budget = int(budget_bytes * BUDGET_FRACTION)
     notes: list[str] = []
     bs = batch_size
@@ -218,4 +258,5 @@ def plan_memory(
             passes.append([unit])
     if len(passes) > 1:
         notes.append(f"accumulators ({total / 1024**3:.2f} GiB) split over {len(passes)} passes over the data")
-    return MemoryPlan(passes or [[]], bs, batch_size, working(bs), total, int(budget_bytes), notes)
+    return MemoryPlan(passes or [[]], bs, batch_size, working(bs), total, int(budget_bytes), notes,
+                      weight_bytes=weight_bytes(model))
