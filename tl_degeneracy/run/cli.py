@@ -7,7 +7,7 @@
     tl-degeneracy run --stages basis --out runs/demo        # one stage alone, from saved statistics
     tl-degeneracy report runs/demo                          # redraw tables, plots and index.md
 
-Parsing only: the stages live in :mod:`tl_degeneracy.pipeline`, the drawing in :mod:`tl_degeneracy.report`.
+Parsing only: the stages live in :mod:`tl_degeneracy.run.pipeline`, the drawing in :mod:`tl_degeneracy.run.report`.
 Errors print one line ``error: ...`` on stderr and exit 1 (argparse's own usage errors exit 2); an
 interrupted run exits 130 and resumes when the same command is run again.
 """
