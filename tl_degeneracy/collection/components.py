@@ -64,7 +64,7 @@ class ActivationMoments(Component):
                 x = a[ctx.mask]
                 ctx.add(f"act/{site}/n", torch.tensor(x.shape[0], dtype=torch.int64))
                 ctx.add(f"act/{site}/sum", x.double().sum(0))
-                ctx.add(f"act/{site}/outer", ctx.gram(x))
+                ctx.add(f"act/{site}/outer", ctx.gram(x, buffer=f"act/{site}/outer"))
 
             return hook
 

@@ -54,6 +54,9 @@ class BatchContext:
     (activations, the autograd graph, gradients) outlives it. This matters: backward hooks registered with
     ``register_full_backward_hook`` hang on the graph's ``grad_fn`` nodes, so a hook closure that reaches a
     tensor of the graph forms a reference cycle through C++ that ``gc`` cannot break (issue 13).
+    ``workspace`` (given by :func:`run_pass`, which adds and drops each batch's increments before the next
+    batch) holds float32 output buffers reused by :meth:`gram` from batch to batch; without it (a caller that
+    keeps increments) every Gram is a fresh matrix.
     """
 
     batch: TokenBatch
@@ -64,6 +67,7 @@ class BatchContext:
     precision: str = "accurate"
     outputs: Bool[torch.Tensor, "batch pos"] | None = None
     scratch: dict[Any, Any] = field(default_factory=dict)
+    workspace: dict[str, torch.Tensor] | None = None
 
     def release(self) -> None:
         """Drop every per-batch object the components left in ``scratch`` (each value's ``clear()`` first)."""
@@ -80,9 +84,16 @@ class BatchContext:
     def add(self, key: str, value: torch.Tensor) -> None:
         self.increments[key] = self.increments[key] + value if key in self.increments else value
 
-    def gram(self, x: Float[torch.Tensor, "n d"]) -> Float[torch.Tensor, "d d"]:
-        """xᵀx of one batch's rows in float32 at this pass's precision (see :func:`gram_increment`)."""
-        return gram_increment(x, fast=self.precision == "fast")
+    def gram(self, x: Float[torch.Tensor, "n d"], *, buffer: str | None = None) -> Float[torch.Tensor, "d d"]:
+        """xᵀx of one batch's rows in float32 at this pass's precision (see :func:`gram_increment`).
+
+        ``buffer`` names a workspace buffer for the result, reused by the next batch: the caller must not
+        hold the result (or a second result with the same name) beyond this batch's increments."""
+        if buffer is None or self.workspace is None or x.device.type != "cpu":
+            return gram_increment(x, fast=self.precision == "fast")
+        out = gram_increment(x, fast=self.precision == "fast", out=self.workspace.get(buffer))
+        self.workspace[buffer] = out
+        return out
 
 
 class Component:
@@ -181,14 +192,19 @@ def _ieee_fp32() -> Iterator[None]:
 
 
 def run_batch(
-    adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int, *, precision: str = "accurate"
+    adapter: ModelAdapter, comps: Sequence[Component], batch: TokenBatch, seed: int, *, precision: str = "accurate",
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One forward (and whatever backward passes the components ask for); returns the batch's increments."""
+    """One forward (and whatever backward passes the components ask for); returns the batch's increments.
+
+    With ``workspace`` (see :class:`BatchContext`) some increments live in its buffers: add them to the totals
+    before the next call with the same workspace."""
     device = adapter.device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + batch.index)
     outputs = None if batch.outputs is None else batch.outputs.to(device)
-    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision, outputs=outputs)
+    ctx = BatchContext(batch, batch.mask.to(device), {}, gen, adapter, precision=precision, outputs=outputs,
+                       workspace=workspace)
     fwd = [h for c in comps for h in c.fwd_hooks(ctx)]
     bwd = [h for c in comps for h in c.bwd_hooks(ctx)]
     needs_logits = any(c.needs_logits for c in comps)
@@ -250,12 +266,13 @@ def run_pass(
     bar = tqdm(total=data.n_counted, initial=stats.n_tokens, unit="tok", unit_scale=True,
                disable=not progress, desc=desc)
     start = time.perf_counter()
+    workspace: dict[str, torch.Tensor] = {}  # Gram buffers reused by every batch (see BatchContext)
     try:
         with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
             for batch in data:
                 if batch.index < done:
                     continue
-                increments = run_batch(adapter, comps, batch, seed, precision=precision)
+                increments = run_batch(adapter, comps, batch, seed, precision=precision, workspace=workspace)
                 stats.add_(increments)
                 del increments  # else the batch's float32 increments stay alive through the next batch
                 n_batch = int(batch.mask.sum())

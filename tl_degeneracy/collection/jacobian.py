@@ -253,8 +253,12 @@ class JacobianMoments(Component):
                 for site, g in self._backward(state, out.z, cotangent).items():
                     g = flatten_site(g, site)[ctx.mask]
                     check_finite(g, f"the output-Jacobian gradient at site '{site}'", ctx)
-                    inc = ctx.gram(g).mul_(weight)
-                    outer[site] = outer[site].add_(inc) if site in outer else inc
+                    if site not in outer:  # the first draw's Gram is the running sum (×1: no rounding)
+                        inc = ctx.gram(g, buffer=f"jac/{site}/outer")
+                        outer[site] = inc if weight == 1.0 else inc.mul_(weight)
+                    else:
+                        inc = ctx.gram(g, buffer=f"jac/{site}/draw")
+                        outer[site].add_(inc if weight == 1.0 else inc.mul_(weight))
             for site, total in outer.items():
                 ctx.add(f"jac/{site}/outer", total)
         finally:  # run_batch clears ctx.scratch too; clearing here frees the graph before the next component

@@ -44,24 +44,68 @@ def gate_at_zero(act_fn: str | None) -> float:
 
 
 
-def gram_increment(x: Float[torch.Tensor, "n d"], *, fast: bool = False) -> Float[torch.Tensor, "d d"]:
+#: CPU Grams of at least this width are computed as their upper triangle in column blocks of
+#: :data:`TRIANGLE_BLOCK` (54% of the FLOPs at d = 3072), the lower triangle copied from it
+TRIANGLE_MIN_D = 1024
+TRIANGLE_BLOCK = 256
+_TRANSPOSE_TILE = 128
+
+
+def gram_increment(
+    x: Float[torch.Tensor, "n d"], *, fast: bool = False, out: Float[torch.Tensor, "d d"] | None = None
+) -> Float[torch.Tensor, "d d"]:
     """xᵀx of one batch's rows with float32 output; callers add it to float64 totals.
 
     Accurate: float32 inputs and products (TF32 is off during :func:`collect`). Fast: bfloat16 inputs with
     float32 accumulation and output (``torch.mm(..., out_dtype=float32)`` on CUDA; elsewhere the same
     numbers by rounding the inputs to bfloat16 and multiplying in float32). Autocast is off inside, so the
     output is never rounded to bfloat16.
+
+    On the CPU, for d ≥ :data:`TRIANGLE_MIN_D`, only the upper triangle is multiplied (:func:`gram_upper_`;
+    the result is exactly symmetric). ``out`` (float32 [d, d], contiguous, on x's device; CPU only) receives
+    the result instead of a fresh matrix: a d_mlp² float32 matrix is above the allocator's reuse threshold, so a
+    fresh one per batch costs page faults on every batch (:class:`~tl_degeneracy.collection.engine.BatchContext`
+    keeps such buffers for the pass).
     """
     with torch.autocast(x.device.type, enabled=False):
-        if not fast:
+        if fast:
+            xb = x.to(torch.bfloat16)
+            if xb.is_cuda:
+                return torch.mm(xb.T, xb, out_dtype=torch.float32)
+            x = xb.float()
+        else:
             x = x.float()
+        d = x.shape[1]
+        if x.device.type != "cpu":
             return x.T @ x
-        xb = x.to(torch.bfloat16)
-        if xb.is_cuda:
-            return torch.mm(xb.T, xb, out_dtype=torch.float32)
-        xf = xb.float()
-        return xf.T @ xf
+        if out is None or out.shape != (d, d) or out.dtype != torch.float32 or not out.is_contiguous():
+            out = torch.empty(d, d, dtype=torch.float32)
+        if d < TRIANGLE_MIN_D:
+            return torch.mm(x.T, x, out=out)
+        return gram_upper_(x, out)
 
+
+def gram_upper_(
+    x: Float[torch.Tensor, "n d"], out: Float[torch.Tensor, "d d"], *, block: int = TRIANGLE_BLOCK
+) -> Float[torch.Tensor, "d d"]:
+    """xᵀx into ``out`` from its upper triangle: column block [c0, c1) gets x[:, :c1]ᵀ x[:, c0:c1] (the
+    blocks above and on the diagonal), then every block below the diagonal is the transpose of its mirror.
+    (1/2 + block/2d) of the full product's FLOPs; the same float32 dot products as ``x.T @ x`` up to the
+    order of summation inside each, so equal to it within float32 rounding, and exactly symmetric."""
+    d = x.shape[1]
+    xt = x.T
+    for c0 in range(0, d, block):
+        c1 = min(c0 + block, d)
+        torch.mm(xt[:c1], x[:, c0:c1], out=out[:c1, c0:c1])
+    tile = _TRANSPOSE_TILE  # below the diagonal blocks: transposed copies in cache-sized tiles
+    for c0 in range(block, d, block):
+        for r0 in range(0, c0, tile):
+            for t0 in range(c0, min(c0 + block, d), tile):
+                out[t0:t0 + tile, r0:r0 + tile].copy_(out[r0:r0 + tile, t0:t0 + tile].T)
+    for c0 in range(0, d, block):  # the diagonal blocks: their lower triangles from their upper ones
+        diag = out[c0:c0 + block, c0:c0 + block]
+        diag.copy_(diag.triu() + diag.triu(1).T)
+    return out
 
 
 def softmax_rows_(x: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, "n vocab"]:
@@ -69,6 +113,10 @@ def softmax_rows_(x: Float[torch.Tensor, "n vocab"]) -> Float[torch.Tensor, "n v
     Equal to ``torch.softmax`` within float32 rounding; returns ``x``."""
     x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
     return x.div_(x.sum(dim=-1, keepdim=True))
+
+
+#: rows per float64 block-sum chunk in :func:`sample_categorical`
+_SUM_ROWS = 8
 
 
 def sample_categorical(
@@ -88,11 +136,19 @@ def sample_categorical(
     n, V = p.shape
     width = max(1, math.isqrt(V - 1) + 1) if V > 1 else 1
     full = V // width
-    masses = [p[:, : full * width].reshape(n, full, width).sum(-1, dtype=torch.float64)] if full else []
-    if full * width < V:
-        masses.append(p[:, full * width:].sum(-1, keepdim=True, dtype=torch.float64))
-    block_cdf = torch.cat(masses, dim=1).cumsum_(1)  # [n, n_blocks]
-    n_blocks = block_cdf.shape[1]
+    n_blocks = full + (full * width < V)
+    block_cdf = torch.empty(n, n_blocks, dtype=torch.float64, device=p.device)
+    # block masses in float64, over a few rows at a time: a float64 sum of float32 entries casts its input
+    # first, and a cast of all of p would be an [n, V] float64 temporary (page faults; 4x slower on the CPU)
+    for i in range(0, n, _SUM_ROWS):
+        rows = p[i:i + _SUM_ROWS]
+        if full:
+            blocks = rows[:, : full * width].unflatten(1, (full, width))
+            torch.sum(blocks, -1, dtype=torch.float64, out=block_cdf[i:i + _SUM_ROWS, :full])
+        if full < n_blocks:
+            torch.sum(rows[:, full * width:], -1, keepdim=True, dtype=torch.float64,
+                      out=block_cdf[i:i + _SUM_ROWS, full:])
+    block_cdf.cumsum_(1)  # [n, n_blocks]
     u = torch.rand(n, 2 * n_samples, dtype=torch.float64, device=p.device, generator=generator)
     u1, u2 = u[:, :n_samples], u[:, n_samples:]
     block = torch.searchsorted(block_cdf, u1 * block_cdf[:, -1:], right=True).clamp_(max=n_blocks - 1)
