@@ -152,3 +152,56 @@ def test_stats_add_in_chunks_is_bit_identical_to_converting_first():
     assert stats.tensors["m"].dtype == torch.float64 and stats.tensors["m"].is_contiguous()
     assert torch.equal(stats.tensors["m"], ref)
     assert int(stats.tensors["n"]) == 3 * len(incs)
+
+
+@pytest.mark.parametrize(("n", "d", "block"), [(1016, 1024, None), (37, 1030, None), (20, 50, 8), (5, 47, 16)])
+def test_triangle_gram_equals_the_full_gram_within_float32_rounding(n, d, block):
+    from tl_degeneracy.collection.kernels import TRIANGLE_MIN_D, gram_increment, gram_upper_
+
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(d)) * 3
+    ref = x.double().T @ x.double()
+    if block is None:  # the production path: d >= TRIANGLE_MIN_D, default block, partial last block for 1030
+        assert d >= TRIANGLE_MIN_D
+        out = torch.full((d, d), float("nan"))  # a reused buffer: every entry must be overwritten
+        got = gram_increment(x, out=out)
+        assert got.data_ptr() == out.data_ptr()
+    else:  # small blocks: several block columns, partial blocks and tiles, cheaply
+        got = gram_upper_(x, torch.full((d, d), float("nan")), block=block)
+    assert torch.equal(got, got.T)  # exactly symmetric
+    # float32 products of length n: rounding ≲ n ε |x_i||x_j| relative to the Cauchy–Schwarz bound
+    bound = torch.outer(x.double().norm(dim=0), x.double().norm(dim=0))
+    assert float(((got.double() - ref).abs() / bound).max()) < 4 * n * torch.finfo(torch.float32).eps
+    full = x.T @ x  # the full float32 product: the same error bound
+    assert float(((got.double() - full.double()).abs() / bound).max()) < 8 * n * torch.finfo(torch.float32).eps
+
+
+def test_reused_gram_buffers_give_the_same_totals_as_fresh_ones(monkeypatch):
+    """The pass's workspace buffers (reused every batch, also for K > 1 probes) never alias a total: collect
+    equals the float64 sum of per-batch increments computed without a workspace, bit for bit; with the
+    triangle path forced on the tiny model's widths."""
+    import tl_degeneracy as tld
+    from tl_degeneracy.adapter import as_adapter
+    from tl_degeneracy.collection import kernels
+    from tl_degeneracy.collection.components import ActivationMoments
+    from tl_degeneracy.collection.engine import accurate_matmuls, run_batch
+    from tl_degeneracy.collection.jacobian import JacobianMoments
+
+    from tiny import make_tiny_model, random_tokens
+
+    monkeypatch.setattr(kernels, "TRIANGLE_MIN_D", 1)
+    monkeypatch.setattr(kernels, "TRIANGLE_BLOCK", 16)
+    model = make_tiny_model()
+    sites = tld.resolve_sites(model, ["resid_pre", "mlp_post"])
+    data = tld.token_batches(model, random_tokens(6, 9), batch_size=2)
+    stats = tld.collect(model, data, sites=sites, jacobian="kl", n_probes=2, seed=3, progress=False)
+    adapter = as_adapter(model)
+    comps = [ActivationMoments(sites), JacobianMoments(adapter, sites, metric="kl", n_probes=2)]
+    ref: dict[str, torch.Tensor] = {}
+    with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
+        for batch in data:
+            for key, inc in run_batch(adapter, comps, batch, 3).items():
+                inc = inc.double() if inc.is_floating_point() else inc
+                ref[key] = ref[key] + inc if key in ref else inc
+    assert len(data) == 3
+    for key, total in ref.items():
+        assert torch.equal(stats.tensors[key], total), key

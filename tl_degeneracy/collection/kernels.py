@@ -86,22 +86,25 @@ def gram_increment(
 
 
 def gram_upper_(
-    x: Float[torch.Tensor, "n d"], out: Float[torch.Tensor, "d d"], *, block: int = TRIANGLE_BLOCK
+    x: Float[torch.Tensor, "n d"], out: Float[torch.Tensor, "d d"], *, block: int | None = None
 ) -> Float[torch.Tensor, "d d"]:
     """xᵀx into ``out`` from its upper triangle: column block [c0, c1) gets x[:, :c1]ᵀ x[:, c0:c1] (the
     blocks above and on the diagonal), then every block below the diagonal is the transpose of its mirror.
     (1/2 + block/2d) of the full product's FLOPs; the same float32 dot products as ``x.T @ x`` up to the
     order of summation inside each, so equal to it within float32 rounding, and exactly symmetric."""
-    d = x.shape[1]
+    d, block = x.shape[1], block or TRIANGLE_BLOCK
     xt = x.T
     for c0 in range(0, d, block):
         c1 = min(c0 + block, d)
         torch.mm(xt[:c1], x[:, c0:c1], out=out[:c1, c0:c1])
     tile = _TRANSPOSE_TILE  # below the diagonal blocks: transposed copies in cache-sized tiles
     for c0 in range(block, d, block):
+        c1 = min(c0 + block, d)
         for r0 in range(0, c0, tile):
-            for t0 in range(c0, min(c0 + block, d), tile):
-                out[t0:t0 + tile, r0:r0 + tile].copy_(out[r0:r0 + tile, t0:t0 + tile].T)
+            r1 = min(r0 + tile, c0)
+            for t0 in range(c0, c1, tile):
+                t1 = min(t0 + tile, c1)
+                out[t0:t1, r0:r1].copy_(out[r0:r1, t0:t1].T)
     for c0 in range(0, d, block):  # the diagonal blocks: their lower triangles from their upper ones
         diag = out[c0:c0 + block, c0:c0 + block]
         diag.copy_(diag.triu() + diag.triu(1).T)
