@@ -176,32 +176,34 @@ def test_triangle_gram_equals_the_full_gram_within_float32_rounding(n, d, block)
 
 
 def test_reused_gram_buffers_give_the_same_totals_as_fresh_ones(monkeypatch):
-    """The pass's workspace buffers (reused every batch, also for K > 1 probes) never alias a total: collect
-    equals the float64 sum of per-batch increments computed without a workspace, bit for bit; with the
-    triangle path forced on the tiny model's widths."""
-    from tiny import make_tiny_model, random_tokens
-
+    """The pass's workspace buffers (reused every batch: activation and Jacobian Grams, also for K > 1 probes,
+    and the neuron-synchronisation products) never alias a total: collect equals the float64 sum of per-batch
+    increments computed without a workspace, bit for bit; with the triangle path forced on the tiny widths."""
     import tl_degeneracy as tld
     from tl_degeneracy.adapter import as_adapter
     from tl_degeneracy.collection import kernels
-    from tl_degeneracy.collection.components import ActivationMoments
+    from tl_degeneracy.collection.collect import _components
     from tl_degeneracy.collection.engine import accurate_matmuls, run_batch
-    from tl_degeneracy.collection.jacobian import JacobianMoments
+
+    from tiny import make_tiny_model, random_tokens
 
     monkeypatch.setattr(kernels, "TRIANGLE_MIN_D", 1)
     monkeypatch.setattr(kernels, "TRIANGLE_BLOCK", 16)
     model = make_tiny_model()
     sites = tld.resolve_sites(model, ["resid_pre", "mlp_post"])
     data = tld.token_batches(model, random_tokens(6, 9), batch_size=2)
-    stats = tld.collect(model, data, sites=sites, jacobian="kl", n_probes=2, seed=3, progress=False)
+    settings = dict(jacobian="kl", estimator="probe", n_probes=2, top_k=8, precision="accurate")
+    stats = tld.collect(model, data, sites=sites, seed=3, head_sync=True, neuron_sync=True, memory_budget=None,
+                        progress=False, **{k: v for k, v in settings.items() if k != "top_k"})
     adapter = as_adapter(model)
-    comps = [ActivationMoments(sites), JacobianMoments(adapter, sites, metric="kl", n_probes=2)]
+    comps = _components(adapter, sites, head_layers=[0, 1], neuron_layers=[0, 1], **settings)
     ref: dict[str, torch.Tensor] = {}
     with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
         for batch in data:
             for key, inc in run_batch(adapter, comps, batch, 3).items():
                 inc = inc.double() if inc.is_floating_point() else inc
                 ref[key] = ref[key] + inc if key in ref else inc
-    assert len(data) == 3
+    assert len(data) == 3 and {"nsync/1/cross", "nsync/1/pre_outer", "jac/" + sites[-1] + "/outer"} <= set(ref)
+    assert set(stats.tensors) == set(ref)
     for key, total in ref.items():
         assert torch.equal(stats.tensors[key], total), key

@@ -151,9 +151,14 @@ class NeuronSyncSums(Component):
         hooks: list[Hook] = []
         for layer in self.layers:
             def compute(pre: torch.Tensor, post: torch.Tensor, layer: int = layer) -> None:
-                incs = neuron_sync_increments(pre, post, ctx.mask, self.at_zero, binary_gates=self.act_fn == "relu")
+                ws = ctx.workspace if ctx.workspace is not None and pre.device.type == "cpu" else None
+                names = {key: f"nsync/{layer}/{key}" for key in ("cross", "pre_outer")}
+                incs = neuron_sync_increments(pre, post, ctx.mask, self.at_zero, binary_gates=self.act_fn == "relu",
+                                              out=None if ws is None else {k: ws.get(v) for k, v in names.items()})
                 for key, value in incs.items():
                     ctx.add(f"nsync/{layer}/{key}", value)
+                    if ws is not None and key in names:  # reused by the next batch (see BatchContext)
+                        ws[names[key]] = value
 
             hooks += _pair_hooks(hook_name("mlp_pre", layer), hook_name("mlp_post", layer), compute)
         return hooks

@@ -78,7 +78,8 @@ def gram_increment(
         d = x.shape[1]
         if x.device.type != "cpu":
             return x.T @ x
-        if out is None or out.shape != (d, d) or out.dtype != torch.float32 or not out.is_contiguous():
+        if (out is None or out.shape != (d, d) or out.dtype != torch.float32 or out.device != x.device
+                or not out.is_contiguous()):
             out = torch.empty(d, d, dtype=torch.float32)
         if d < TRIANGLE_MIN_D:
             return torch.mm(x.T, x, out=out)
@@ -224,6 +225,7 @@ def neuron_sync_increments(
     at_zero: float,
     *,
     binary_gates: bool = False,
+    out: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch's neuron-synchronisation sums over counted tokens (eq. 17, 20; SPEC §4).
 
@@ -234,21 +236,28 @@ def neuron_sync_increments(
 
     — two d_mlp×d_mlp products (``cross``) and a vector (``f_sq``); plus the preactivation Gram
     ``pre_outer`` = Pᵀ P for the block ranks s_a (eq. 21). ``binary_gates=True`` (ReLU: r ∈ {0, 1}, so
-    r² = r) needs one product for ``cross`` instead of two.
+    r² = r) needs one product for ``cross`` instead of two. ``out`` may hold float32 [d_mlp, d_mlp] CPU buffers
+    ``"cross"`` and ``"pre_outer"`` for the results (reused batch after batch; see :func:`gram_increment`).
     """
     mask = mask.to(pre.device)
     p = pre[mask].float()
     f = post[mask].float()
     r = gates(p, f, at_zero)
+    out = out or {}
+    d = p.shape[1]
+    cross = out.get("cross")
+    if (cross is None or cross.shape != (d, d) or cross.dtype != torch.float32 or cross.device != p.device
+            or not cross.is_contiguous()):
+        cross = torch.empty(d, d, dtype=torch.float32, device=p.device)
     if binary_gates:  # r ∈ {0, 1} so r² = r: one product, P2ᵀR2 − 2(F∘P)ᵀR = (P2 ∘ (1 − 2R))ᵀ R
-        cross = (p * p * (1.0 - 2.0 * r)).T @ r
+        torch.mm((p * p * (1.0 - 2.0 * r)).T, r, out=cross)
     else:
-        cross = (p * p).T @ (r * r)
+        torch.mm((p * p).T, r * r, out=cross)
         cross.addmm_((f * p).T, r, alpha=-2.0)
     return {
         "n": torch.tensor(p.shape[0], dtype=torch.int64, device=p.device),
         "cross": cross,
         "f_sq": f.double().square().sum(0),
-        "pre_outer": gram_increment(p),
+        "pre_outer": gram_increment(p, out=out.get("pre_outer")),
     }
 
