@@ -179,13 +179,13 @@ def test_reused_gram_buffers_give_the_same_totals_as_fresh_ones(monkeypatch):
     """The pass's workspace buffers (reused every batch: activation and Jacobian Grams, also for K > 1 probes,
     and the neuron-synchronisation products) never alias a total: collect equals the float64 sum of per-batch
     increments computed without a workspace, bit for bit; with the triangle path forced on the tiny widths."""
+    from tiny import make_tiny_model, random_tokens
+
     import tl_degeneracy as tld
     from tl_degeneracy.adapter import as_adapter
     from tl_degeneracy.collection import kernels
     from tl_degeneracy.collection.collect import _components
     from tl_degeneracy.collection.engine import accurate_matmuls, run_batch
-
-    from tiny import make_tiny_model, random_tokens
 
     monkeypatch.setattr(kernels, "TRIANGLE_MIN_D", 1)
     monkeypatch.setattr(kernels, "TRIANGLE_BLOCK", 16)
