@@ -254,3 +254,53 @@ def test_torchrun_cli_on_the_bundled_model_writes_the_single_process_summary(tmp
             same = fx == fy or (math.isnan(fx) and math.isnan(fy))  # an s.e. of 2 chains may be NaN in both
             assert same or abs(fx - fy) <= 1e-9 * max(abs(fx), abs(fy)), (key, x, y)
     assert not list(two.glob("**/*.rank*")), "only rank 0 writes into the run folder"
+
+
+# ---- ablation passes shard over batches too -----------------------------------------------------------------
+def _ablation_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model, data, bases, site = _ablation_setup()
+        curves = tld.ablation_curves(model, data, bases, site=site, loss="kl", progress=False)
+        for kind, curve in curves.items():
+            curve.save(f"{folder}/{kind}-rank{rank}")
+        real = tld.collection.ablation.accurate_matmuls  # a failure on rank 1 only: every rank stops
+
+        def failing(*a, **k):
+            if rank == 1:
+                raise NonFiniteError("NaN injected on rank 1")
+            return real(*a, **k)
+
+        tld.collection.ablation.accurate_matmuls = failing
+        try:
+            tld.measure_loss(model, data, bases["pca"].ablation_hooks(site, keep=2))
+        except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
+            Path(f"{folder}/fail-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ablation_setup():
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(7, 10, seed=4), batch_size=2)  # 4 batches, the last short
+    site = "blocks.1.hook_resid_pre"
+    stats = tld.collect(model, data, sites=[site], jacobian="kl", n_probes=2, progress=False)
+    bases = {"interaction": tld.interaction_basis(stats.gram(site), stats.jacobian_gram(site), mean=stats.mean(site)),
+             "pca": tld.pca_basis(stats.gram(site), mean=stats.mean(site))}
+    return model, data, bases, site
+
+
+def test_ablation_curves_on_two_ranks_equal_the_single_process_curves(tmp_path):
+    """Each rank measures every other batch; the all-reduced float64 sums equal one process's up to summation
+    order (a few ulps of the totals); a failure on one rank stops both, rank 0 naming it."""
+    mp.spawn(_ablation_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, data, bases, site = _ablation_setup()
+    single = tld.ablation_curves(model, data, bases, site=site, loss="kl", progress=False)
+    for kind, curve in single.items():
+        for rank in range(2):
+            got = tld.AblationCurve.load(tmp_path / f"{kind}-rank{rank}")
+            assert got.keep == curve.keep and got.n_tokens == curve.n_tokens
+            assert torch.allclose(got.loss, curve.loss, rtol=1e-12, atol=1e-15), kind
+    assert "RankFailedError: rank 1 of 2" in (tmp_path / "fail-rank0.error").read_text()
+    assert "NaN injected on rank 1" in (tmp_path / "fail-rank1.error").read_text()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
+from tl_degeneracy.collection.distributed import all_reduce_sums, context, raise_if_any_failed, shard
 from tl_degeneracy.collection.engine import accurate_matmuls
 from tl_degeneracy.data import TokenBatch, TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -84,6 +85,11 @@ def measure_losses(
     whole stream). ``loss``: ``"kl"`` mean KL(p_original ‖ p_intervened); ``"ce"`` increase of the next-token
     cross-entropy; ``"top1"`` fraction of output positions whose argmax changed. Per batch: one unablated
     forward, then one forward per intervention (cost ``len(data) × (1 + n)`` forwards).
+
+    Under ``torch.distributed`` (initialised, more than one rank) every rank measures its share of the
+    batches (:func:`~tl_degeneracy.collection.distributed.shard`) and the sums are all-reduced, so every rank
+    returns the same measurement as one process (up to float64 summation order); a rank that fails stops
+    every rank, rank 0 naming it.
     """
     adapter = as_adapter(model)
     _check_loss(loss)
@@ -94,10 +100,14 @@ def measure_losses(
     totals = torch.zeros(len(interventions), dtype=torch.float64)
     ce_total, n_out, n_ce, forwards = 0.0, 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=len(data) * (1 + len(interventions)), unit="fwd", disable=not progress, desc=desc)
+    ctx = context()
+    sharded = ctx is not None and ctx.world_size > 1
+    bar = tqdm(total=len(data) * (1 + len(interventions)), unit="fwd", desc=desc,
+               disable=not progress or (sharded and not ctx.is_main))
+    failure: BaseException | None = None
     try:
         with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls(), torch.no_grad():
-            for batch in data:
+            for batch in shard(data, ctx=ctx):
                 tokens = batch.tokens.to(adapter.device)
                 out = output_mask(batch).to(adapter.device)
                 targets, ce_mask = _next_tokens(tokens, out, batch.mask.to(adapter.device))
@@ -119,8 +129,19 @@ def measure_losses(
                         raise NonFiniteError(f"NaN or inf in the logits of intervention {i} at batch {batch.index}")
                     totals[i] += _batch_loss(loss, ref, new, out, targets, ce_mask, ce_ref).cpu()
                 del ref
+    except Exception as err:  # noqa: BLE001 - sharded: every rank must learn of it before the sums
+        if not sharded:
+            raise
+        failure = err
     finally:
         bar.close()
+    if sharded:
+        raise_if_any_failed(failure, ctx=ctx)
+        sums = all_reduce_sums({"totals": totals, "ce": torch.tensor([ce_total], dtype=torch.float64),
+                                      "counts": torch.tensor([n_out, n_ce, forwards])}, ctx=ctx)
+        totals = sums["totals"].cpu()
+        ce_total = float(sums["ce"][0])
+        n_out, n_ce, forwards = (int(x) for x in sums["counts"].tolist())
     denom = n_ce if loss == "ce" else n_out
     if denom == 0:
         raise BadInputError("the data has no output positions to measure a loss on (check the masks)")

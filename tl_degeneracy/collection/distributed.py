@@ -173,6 +173,21 @@ class RankFailedError(errors.TLDegeneracyError, RuntimeError):
     """Another rank of a distributed pass failed; the message names that rank and its error."""
 
 
+def raise_if_any_failed(own: BaseException | None, *, ctx: DistContext | None = None) -> None:
+    """Call on every rank after a sharded loop, with the exception this rank caught (or None): when any rank
+    failed, every rank raises (rank 0 a :class:`RankFailedError` naming the first failing rank); otherwise
+    nothing happens. One small all-reduce; for passes other than ``collect`` (ablation, graph)."""
+    ctx = ctx or context()
+    if ctx is None or ctx.world_size == 1:
+        if own is not None:
+            raise own
+        return
+    flag = torch.tensor([0.0 if own is None else 1.0], dtype=torch.float64, device=_collective_device(ctx))
+    dist.all_reduce(flag)
+    if float(flag.item()) > 0:
+        _raise_agreed(ctx, own)
+
+
 def _raise_agreed(ctx: DistContext, own: BaseException | None) -> None:
     """Every rank learns which ranks failed and raises: the failing rank its own error, others (and rank 0
     always) an error naming the first failing rank and its message."""
