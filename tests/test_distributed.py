@@ -304,3 +304,40 @@ def test_ablation_curves_on_two_ranks_equal_the_single_process_curves(tmp_path):
             assert torch.allclose(got.loss, curve.loss, rtol=1e-12, atol=1e-15), kind
     assert "RankFailedError: rank 1 of 2" in (tmp_path / "fail-rank0.error").read_text()
     assert "NaN injected on rank 1" in (tmp_path / "fail-rank1.error").read_text()
+
+
+def _graph_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model, data, sites, stats = _graph_setup()
+        bases = tld.local_interaction_bases(model, data, sites, stats=stats, n_probes=2, seed=1)
+        graph = tld.interaction_graph(model, data, bases, sites, method="integrated", n_points=2,
+                                      estimator="probe", n_probes=2, seed=1)
+        graph.save(f"{folder}/graph-rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _graph_setup():
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(5, 8, seed=6), batch_size=2)  # 3 batches: uneven over 2 ranks
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    stats = tld.collect(model, data, sites=sites, jacobian="kl", n_probes=2, progress=False)
+    return model, data, sites, stats
+
+
+def test_interaction_graph_on_two_ranks_equals_the_single_process_graph(tmp_path):
+    """LIB Grams and edges are sums over batches with probes seeded per batch: 2 ranks give the single
+    process's graph up to float64 summation order (the bases are eigen-decompositions of those sums, so a
+    relative 1e-9 covers their conditioning here)."""
+    mp.spawn(_graph_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, data, sites, stats = _graph_setup()
+    bases = tld.local_interaction_bases(model, data, sites, stats=stats, n_probes=2, seed=1)
+    single = tld.interaction_graph(model, data, bases, sites, method="integrated", n_points=2,
+                                   estimator="probe", n_probes=2, seed=1)
+    for rank in range(2):
+        got = tld.InteractionGraph.load(tmp_path / f"graph-rank{rank}")
+        for pair, edges in single.edges.items():
+            assert got.edges[pair].shape == edges.shape
+            assert torch.allclose(got.edges[pair], edges, rtol=1e-9, atol=1e-12 * float(edges.abs().max())), pair

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
-from tl_degeneracy.collection.distributed import all_reduce_sums, context, raise_if_any_failed, shard
+from tl_degeneracy.collection.distributed import context, shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls
 from tl_degeneracy.data import TokenBatch, TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -101,12 +101,11 @@ def measure_losses(
     ce_total, n_out, n_ce, forwards = 0.0, 0, 0, 0
     start = time.perf_counter()
     ctx = context()
-    sharded = ctx is not None and ctx.world_size > 1
     bar = tqdm(total=len(data) * (1 + len(interventions)), unit="fwd", desc=desc,
-               disable=not progress or (sharded and not ctx.is_main))
-    failure: BaseException | None = None
+               disable=not progress or (ctx is not None and not ctx.is_main))
     try:
-        with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls(), torch.no_grad():
+        with sharded_sums(ctx) as acc, adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls(), \
+                torch.no_grad():
             for batch in shard(data, ctx=ctx):
                 tokens = batch.tokens.to(adapter.device)
                 out = output_mask(batch).to(adapter.device)
@@ -129,19 +128,14 @@ def measure_losses(
                         raise NonFiniteError(f"NaN or inf in the logits of intervention {i} at batch {batch.index}")
                     totals[i] += _batch_loss(loss, ref, new, out, targets, ce_mask, ce_ref).cpu()
                 del ref
-    except Exception as err:  # noqa: BLE001 - sharded: every rank must learn of it before the sums
-        if not sharded:
-            raise
-        failure = err
+                acc.sums = {"totals": totals, "ce": torch.tensor([ce_total], dtype=torch.float64),
+                            "counts": torch.tensor([n_out, n_ce, forwards])}
     finally:
         bar.close()
-    if sharded:
-        raise_if_any_failed(failure, ctx=ctx)
-        sums = all_reduce_sums({"totals": totals, "ce": torch.tensor([ce_total], dtype=torch.float64),
-                                      "counts": torch.tensor([n_out, n_ce, forwards])}, ctx=ctx)
-        totals = sums["totals"].cpu()
-        ce_total = float(sums["ce"][0])
-        n_out, n_ce, forwards = (int(x) for x in sums["counts"].tolist())
+    if acc.sums:  # the totals over ranks (sharded) or this process's
+        totals = acc.sums["totals"].cpu()
+        ce_total = float(acc.sums["ce"][0])
+        n_out, n_ce, forwards = (int(x) for x in acc.sums["counts"].tolist())
     denom = n_ce if loss == "ce" else n_out
     if denom == 0:
         raise BadInputError("the data has no output positions to measure a loss on (check the masks)")

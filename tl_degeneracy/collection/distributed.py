@@ -27,6 +27,7 @@ Example (``torchrun --nproc_per_node=2 script.py``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -186,6 +187,43 @@ def raise_if_any_failed(own: BaseException | None, *, ctx: DistContext | None = 
     dist.all_reduce(flag)
     if float(flag.item()) > 0:
         _raise_agreed(ctx, own)
+
+
+@contextlib.contextmanager
+def sharded_sums(ctx: DistContext | None = None) -> Iterator[ShardedSums]:
+    """The pattern of every pass that sums over batches (ablation losses, LIB Grams, edges): loop over
+    :func:`shard` inside the block and put the per-rank sums in ``acc.sums``; on leaving, every rank learns
+    whether some rank failed (:func:`raise_if_any_failed`) and ``acc.sums`` become the totals over ranks.
+    Without a process group (or with one rank) it changes nothing.
+
+    Example::
+
+        with sharded_sums() as acc:
+            for batch in shard(data):
+                acc.sums["x"] = acc.sums.get("x", 0) + f(batch)
+        total = acc.sums["x"]
+    """
+    ctx = ctx or context()
+    acc = ShardedSums({}, ctx if ctx is not None and ctx.world_size > 1 else None)
+    failure: BaseException | None = None
+    try:
+        yield acc
+    except Exception as err:  # noqa: BLE001 - sharded: every rank must learn of it before the sums
+        if acc.ctx is None:
+            raise
+        failure = err
+    if acc.ctx is not None:
+        raise_if_any_failed(failure, ctx=acc.ctx)
+        acc.sums = all_reduce_sums(acc.sums, ctx=acc.ctx)
+
+
+@dataclass
+class ShardedSums:
+    """What :func:`sharded_sums` yields: ``sums`` (name → tensor, this rank's, then the totals) and ``ctx``
+    (the process group when sharded, else None)."""
+
+    sums: dict[str, torch.Tensor]
+    ctx: DistContext | None
 
 
 def _raise_agreed(ctx: DistContext, own: BaseException | None) -> None:
