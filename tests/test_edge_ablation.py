@@ -319,3 +319,50 @@ def test_bad_input_is_refused_before_any_forward():
                                      edges={(a, b): E, (b, "blocks.1.hook_resid_post"): torch.rand(2, 2)})
         tld.edges_needed(model, data, bases, three, tolerance=0.1, progress=False)
     assert not calls
+
+
+def test_graph_stage_reports_edges_needed_per_basis_and_resumes(tmp_path, tiny_gpt2_path):
+    from tl_degeneracy._io import json_safe, write_json
+    from tl_degeneracy.run import report
+    from tl_degeneracy.run.layout import RunFolder
+    from tl_degeneracy.run.pipeline import RunConfig, _graph_settings, _marker_path, read_marker, run_stages
+
+    cfg = RunConfig(model=tiny_gpt2_path, n_tokens=120, seq_len=16, batch_size=4, graph_n_tokens=60,
+                    sites=("resid_pre",), sync=False, device="cpu", ablate_tolerance=0.01)
+    out = tmp_path / "run"
+    run_stages(cfg, out, ["stats", "graph"], progress=False)
+    summary = read_marker(out, "graph")["summary"]["edges_needed"]
+    assert summary["pair"] == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    assert set(summary["kinds"]) == {"local", "interaction", "pca"} and summary["tolerance"] == 0.01
+    saved = RunFolder(out).saved_edges_needed()
+    assert set(saved) == {"local", "interaction", "pca"}
+    for kind, path in saved.items():
+        needed = tld.EdgesNeeded.load(path)
+        assert needed.kind == kind and needed.n_edges == summary["kinds"][kind]["n_edges"]
+        assert 0 <= needed.n_edges <= needed.n_total
+        # the bisection's bracket: the answer meets the tolerance, one fewer edge does not (when measured)
+        probes = dict(zip(needed.probed, needed.loss.tolist(), strict=True))
+        assert needed.n_edges == needed.n_total or probes[needed.n_edges] <= 0.01
+        assert needed.n_edges == 0 or probes[needed.n_edges - 1] > 0.01
+    rows = report.summary_rows(report.load_results(out))
+    first = next(r for r in rows if r["site"] == "blocks.0.hook_resid_pre")
+    assert first["lib_edges_needed"] == summary["kinds"]["local"]["n_edges"]
+    assert first["pca_edges_needed"] == summary["kinds"]["pca"]["n_edges"]
+    assert list(report.SUMMARY_COLUMNS)[-4:] == ["lib_edges_needed", "ib_edges_needed", "pca_edges_needed",
+                                                "edges_total"]
+    run_stages(cfg, out, ["report"], progress=False)
+    assert "Edges needed on blocks.0.hook_resid_pre" in (out / "index.md").read_text()
+
+    # an interrupted stage (no marker, a progress folder with its identity) resumes: finished parts are loaded
+    progress = RunFolder(RunFolder(out).progress("graph"))
+    progress.graph.mkdir(parents=True)
+    write_json(progress.graph_identity, json_safe({"settings": _graph_settings(cfg),
+                                                   "stats": read_marker(out, "stats")["id"]}))
+    for kind, path in saved.items():
+        tld.EdgesNeeded.load(path).save(progress.edges_needed(kind))
+    _marker_path(out, "graph").unlink()
+    logs = []
+    run_stages(cfg, out, ["graph"], progress=False, log=logs.append)
+    assert sum("done before the interruption" in m for m in logs) == 3
+    assert read_marker(out, "graph")["summary"]["edges_needed"] == summary
+    assert not progress.root.exists()  # discarded once the stage finished

@@ -60,7 +60,7 @@ class EdgeAblationCurve:
         baseline: the unablated model's mean next-token cross-entropy (nats) on the same data.
         n_tokens: output positions the loss averages over.
         n_total: k_A·k_B, the number of edges of the pair.
-        meta: JSON-ready extras (forwards, seconds, data).
+        meta: JSON-ready extras (forwards, seconds, ``dims`` [k_A, k_B], data).
     """
 
     pair: tuple[str, str]
@@ -101,7 +101,7 @@ class EdgesNeeded:
             (both measured unless n_edges is 0 or ``n_total``; keeping every edge has loss 0).
         fraction: ``n_edges / n_total``.
         probed: the numbers of kept edges measured, in bisection order; ``loss`` float64 their losses.
-        meta: JSON-ready extras (forwards, seconds, data).
+        meta: JSON-ready extras (forwards, seconds, ``dims`` [k_A, k_B], data).
     """
 
     pair: tuple[str, str]
@@ -170,7 +170,7 @@ def edge_ablation_curve(
     return EdgeAblationCurve(pair=(a, b), kind=_kind(bases, a), keep=ks, loss=measured.losses, loss_kind=loss,
                              baseline=measured.baseline, n_tokens=measured.n_tokens, n_total=E.numel(),
                              meta={"forwards": measured.forwards, "seconds": time.perf_counter() - start,
-                                   "data": data.describe()})
+                                   "dims": list(E.shape), "data": data.describe()})
 
 
 def edges_needed(
@@ -217,7 +217,8 @@ def edges_needed(
     return EdgesNeeded(pair=(a, b), kind=_kind(bases, a), tolerance=float(tolerance), n_edges=hi,
                        n_total=E.numel(), probed=probed, loss=torch.tensor(losses, dtype=torch.float64),
                        loss_kind=loss, baseline=baseline, n_tokens=n_tokens,
-                       meta={"forwards": forwards, "seconds": time.perf_counter() - start, "data": data.describe()})
+                       meta={"forwards": forwards, "seconds": time.perf_counter() - start, "dims": list(E.shape),
+                             "data": data.describe()})
 
 
 def _check(model: Any, data: TokenBatches, bases: Mapping[str, Any], graph: Any, pair: Any,
