@@ -366,3 +366,15 @@ def test_graph_stage_reports_edges_needed_per_basis_and_resumes(tmp_path, tiny_g
     assert sum("done before the interruption" in m for m in logs) == 3
     assert read_marker(out, "graph")["summary"]["edges_needed"] == summary
     assert not progress.root.exists()  # discarded once the stage finished
+
+
+def test_stacking_output_nodes_in_chunks_changes_nothing():
+    """Output nodes with distinct source sets run stacked along the batch; one per forward gives the same b̃."""
+    model = _model64()
+    batch = next(iter(_data(model)))
+    ba, bb = _random_basis(_width(BLOCK[0]), 4, seed=1), _random_basis(_width(BLOCK[1]), 5, seed=2)
+    keep = keep_mask(torch.rand(4, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64), 8)
+    adapter = tld.ModelAdapter(model)
+    _, stacked = patched_activation(adapter, batch.tokens, batch.mask, *BLOCK, ba, bb, keep)
+    _, single = patched_activation(adapter, batch.tokens, batch.mask, *BLOCK, ba, bb, keep, tokens_per_chunk=1)
+    torch.testing.assert_close(stacked, single, rtol=1e-12, atol=1e-12)

@@ -18,7 +18,7 @@ rib's patching, not its first-order linearisation.
 
 Cost: output nodes with the same source set share a sub-forward (``torch.unique`` over K's columns); nodes
 whose sources are all kept need none (a_j = a). Each batch runs at most min(k_B, distinct source sets) forwards
-from the start to B, stacked along the batch dimension in chunks of ``rows`` sequences.
+from the start to B, stacked along the batch dimension in chunks of about ``tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from tl_degeneracy.errors import BadInputError
 
 __all__ = ["edge_intervention", "keep_mask", "patched_activation"]
 
-#: sequences per stacked sub-forward (memory: rows × pos × d floats per activation of the model)
-ROWS = 128
+#: tokens per stacked sub-forward (memory: that many × d floats per activation of the model, and the attention
+#: patterns of tokens / pos sequences)
+TOKENS = 16384
 
 Hooks = list[tuple[str, Callable[..., Any]]]
 
@@ -102,7 +103,7 @@ def _replaced(adapter: ModelAdapter, tokens: Tensor, site_a: str, site_b: str, a
 
 def patched_activation(
     adapter: ModelAdapter, tokens: Tensor, mask: Tensor, site_a: str, site_b: str, basis_a: Any, basis_b: Any,
-    keep: Bool[Tensor, "ka kb"], *, rows: int = ROWS,
+    keep: Bool[Tensor, "ka kb"], *, tokens_per_chunk: int = TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """``(b, b̃)``: B's activation without and with the edge ablation ``keep`` (module docstring), detached.
 
@@ -120,8 +121,7 @@ def patched_activation(
     F = F0.clone()
     sources, group = keep.to(dev).T.unique(dim=0, return_inverse=True)  # [n_sets, k_A], [k_B]
     todo = [g for g in range(sources.shape[0]) if not bool(sources[g].all())]  # all kept: a_j = a, F̃_j = F_j
-    B = tokens.shape[0]
-    per = max(1, rows // B)
+    per = max(1, tokens_per_chunk // tokens.numel())
     for start in range(0, len(todo), per):
         chunk = todo[start:start + per]
         a_new = torch.cat([torch.where(m3, mu_a + r + (f * sources[g].to(dt)) @ Cp_a.T, a0) for g in chunk])
@@ -136,7 +136,7 @@ def patched_activation(
 
 def edge_intervention(
     adapter: ModelAdapter, site_a: str, site_b: str, basis_a: Any, basis_b: Any, keep: Bool[Tensor, "ka kb"],
-    *, rows: int = ROWS,
+    *, tokens_per_chunk: int = TOKENS,
 ) -> Callable[[TokenBatch], Hooks]:
     """An intervention for :func:`~tl_degeneracy.collection.ablation.measure_losses`: per batch, the patched
     activation b̃ is computed first (its own forwards, :func:`patched_activation`) and a hook at B puts it in."""
@@ -144,7 +144,7 @@ def edge_intervention(
     def make(batch: TokenBatch) -> Hooks:
         tokens = batch.tokens.to(adapter.device)
         _, b_tilde = patched_activation(adapter, tokens, batch.mask.to(adapter.device), site_a, site_b, basis_a,
-                                        basis_b, keep, rows=rows)
+                                        basis_b, keep, tokens_per_chunk=tokens_per_chunk)
 
         def put(act: Tensor, hook: Any) -> Tensor:
             if act.shape != b_tilde.shape:
