@@ -71,11 +71,22 @@ from tl_degeneracy.llc import (
     sgld_llc,
 )
 from tl_degeneracy.llc.parallel import estimate_llc_distributed, llc_scale_sweep_distributed
-from tl_degeneracy.methods import interaction_graph, local_interaction_bases
+from tl_degeneracy.methods import (
+    EdgeAblationCurve,
+    EdgesNeeded,
+    edge_ablation_curve,
+    edges_needed,
+    interaction_graph,
+    local_interaction_bases,
+)
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
 __all__ = [
+    "EdgeAblationCurve",
+    "EdgesNeeded",
+    "edge_ablation_curve",
+    "edges_needed",
     "local_interaction_bases",
     "interaction_graph",
     "find_modules",
