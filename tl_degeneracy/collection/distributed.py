@@ -68,9 +68,29 @@ class DistContext:
         return {"world_size": self.world_size, "backend": self.backend}
 
 
+_LOCAL_ONLY = [0]  # > 0 inside local_only(): passes run in this process alone
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside the block, :func:`context` is None: every pass runs in this process alone although a process
+    group exists (the command line's rank 0 runs the stages other than the statistics alone, while the other
+    ranks have left). Example::
+
+        with local_only():
+            curves = tld.ablation_curves(model, data, bases, site=site)   # no collective
+    """
+    _LOCAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
+
 def context() -> DistContext | None:
-    """The current process group as a :class:`DistContext`, or None when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """The current process group as a :class:`DistContext`, or None when torch.distributed is not initialised
+    (or inside :func:`local_only`)."""
+    if _LOCAL_ONLY[0] or not (dist.is_available() and dist.is_initialized()):
         return None
     return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 

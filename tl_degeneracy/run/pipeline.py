@@ -49,6 +49,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_file, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
+from tl_degeneracy.collection.distributed import local_only
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 from tl_degeneracy.run.layout import RunFolder, staged
 from tl_degeneracy.sites import check_layers, site_dim
@@ -495,7 +496,10 @@ def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     ctx.stage = None if stage.always else name
     try:
-        outputs, summary = stage.run(ctx)
+        # only the statistics pass is shared by the ranks of `torchrun` (run/distributed.py: the other ranks
+        # leave after it); every other stage runs on rank 0 alone, so its passes must not wait for them
+        with contextlib.nullcontext() if name == "stats" else local_only():
+            outputs, summary = stage.run(ctx)
     except BaseException:
         folder.discard(name)
         raise
