@@ -10,7 +10,15 @@ from tl_degeneracy import report
 from tl_degeneracy.basis import InteractionBasis, interaction_bases, interaction_basis, pca_basis
 from tl_degeneracy.behavioral import LLCScaleSweep, estimate_llc, llc_scale_sweep
 from tl_degeneracy.collect import collect
-from tl_degeneracy.data import TokenBatch, TokenBatches, bundled_data_path, bundled_model_path, token_batches
+from tl_degeneracy.data import (
+    ModAddData,
+    TokenBatch,
+    TokenBatches,
+    bundled_data_path,
+    bundled_model_path,
+    modadd_data,
+    token_batches,
+)
 from tl_degeneracy.errors import (
     BadInputError,
     IncompatibleStatsError,
