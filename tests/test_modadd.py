@@ -175,9 +175,10 @@ def test_script_smoke_run_on_tiny_p(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_script_reproduces_shipped_model(tmp_path, summary):
+def test_training_script_reproduces_shipped_model(tmp_path):
     """From scratch with the shipped settings (tens of minutes on a 2-core CPU): grokked again."""
     _run_script("--out", str(tmp_path), timeout=4 * 3600)
+    summary = json.loads((MODEL_DIR / "training_summary.json").read_text())  # read after the run
     folder = tmp_path / f"modadd-{P}"
     fresh = tld.load_model(folder)
     test = tld.modadd_data(fresh, split="test", path=tmp_path / f"modadd-{P}-tokens.safetensors")
