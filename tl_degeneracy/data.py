@@ -349,8 +349,8 @@ def modadd_data(
     Example::
 
         model = tld.load_model("modadd-113")
-        test = tld.modadd_data(model, split="test")      # 8939 held-out pairs
-        test.tokens[0], test.labels[0]                   # tensor([0, 2, 113]), tensor(2)
+        test = tld.modadd_data(model, split="test")      # the 8938 held-out pairs
+        test.tokens[0], test.labels[0]                   # tensor([0, 0, 113]), tensor(0)
         test.accuracy(model)                             # 1.0 for the bundled model
         data = tld.token_batches(model, test.tokens, include_bos=True, batch_size=1024)   # every position counts
     """
