@@ -538,7 +538,8 @@ def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
 # =====================================================================================================
 # Modular-addition data for the bundled grokked model (issue 20)
 #
-# `tl_degeneracy/bundled/modadd-{p}-tokens.safetensors` (made by scripts/train_modadd.py) holds every input "a b =" of the
+# `tl_degeneracy/bundled/modadd-{p}-tokens.safetensors` (made by scripts/train_modadd.py) holds every
+# input "a b =" of the
 # task: `tokens` [p², 3] int32 (row a * p + b is [a, b, p]), `labels` [p²] int32 ((a + b) mod p) and
 # `is_train` [p²] bool (the model's training pairs). Only the last position (the answer) is an output.
 # =====================================================================================================

@@ -466,7 +466,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 # =====================================================================================================
 # The bundled modular-addition model (issue 20): a folder holding a TransformerLens state dict
 #
-# `tl_degeneracy/bundled/modadd-113/` (made by scripts/train_modadd.py) has no HuggingFace architecture: `config.json` holds
+# `tl_degeneracy/bundled/modadd-113/` (made by scripts/train_modadd.py) has no HuggingFace architecture:
+# `config.json` holds
 # HookedTransformerConfig fields plus "tl_degeneracy_format": "hooked_transformer_state_dict", and
 # `model.safetensors` holds the weights under HookedTransformer's state-dict names and shapes
 # (`blocks.0.attn.W_Q` [n_heads, d_model, d_head], ...). 4.x builds a `boot_native` bridge and loads them
