@@ -74,8 +74,8 @@ BUDGETS = {
     # pairs for the statistics, held-out pairs for the ablations, largest k measured densely, probes,
     # LLC grid and chain length
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
-                 llc_steps=[3e-7, 1e-6, 3e-6], llc_gammas=[1000.0, 10000.0], llc_n_steps=400, llc_burnin=100,
-                 llc_pairs=1024, llc_chains=4),
+                 llc_steps=[3e-7, 1e-6], llc_gammas=[1000.0], llc_n_steps=300, llc_burnin=100,
+                 llc_pairs=512, llc_chains=4),
     "small": dict(n_stats=2048, n_test=1024, dense_keep=20, top_k=8, n_probes=4, graph_points=1,
                   llc_steps=[1e-6, 3e-6], llc_gammas=[1000.0], llc_n_steps=20, llc_burnin=5,
                   llc_pairs=128, llc_chains=2),
@@ -202,8 +202,12 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(model_name: str, budget: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
-    """Everything the table needs, for one model (see the module docstring)."""
+def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = None) -> dict[str, Any]:
+    """Everything the table needs, for one model (see the module docstring).
+
+    ``save(partial_results)`` (optional) is called after every stage, so a long run leaves what it finished.
+    """
+    save = save or (lambda _res: None)
     t_start = time.perf_counter()
     model = tld.load_model(model_name)
     every = tld.modadd_data(model)
@@ -268,6 +272,7 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0) -> dict[str, 
             }
         res["sites"][site] = row
         _log(f"{site}: needed {row['needed']}")
+        save(res)
 
     # modules of the interaction graph of the kept LIB directions vs their frequencies
     kept = {}
@@ -292,6 +297,7 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0) -> dict[str, 
         "ami": adjusted_mutual_information(mod_labels, freq_labels) if len(mod_labels) >= 2 else None,
     }
     _log(f"modules: {mods.n_modules}, AMI {res['modules']['ami']}")
+    save(res)
 
     # synchronised neurons vs their frequencies
     ns = tld.neuron_sync(stats, 0)
@@ -314,6 +320,7 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0) -> dict[str, 
     sync["neuron_frequencies"] = dict(Counter(d["frequency"] for d in clear_neurons).most_common())
     res["neuron_sync"] = sync
     _log("neuron sync done")
+    save(res)
 
     # KL behavioral LLC of the whole model and of the MLP alone
     llc_tokens = every.tokens[torch.randperm(len(every), generator=gen)[: budget["llc_pairs"]]]
@@ -327,6 +334,7 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0) -> dict[str, 
         res["llc"][name] = {"params": params, "nbeta": float(len(llc_tokens)), "recommended": cal.recommended,
                             "reason": cal.reason, "cells": cal.rows()}
         _log(f"LLC {name}: {cal.recommended} ({cal.reason})")
+        save(res)
     res["seconds"] = time.perf_counter() - t_start
     return res
 
@@ -407,8 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     budget = BUDGETS["small" if args.small else "full"]
-    results = [run(m, budget) for m in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+
+    def save(partial: dict[str, Any]) -> None:
+        (args.out / "partial.json").write_text(json.dumps({"done": results, "running": partial}, indent=1))
+
+    for m in args.models:
+        results.append(run(m, budget, save=save))
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "tl_degeneracy": tld.__version__,

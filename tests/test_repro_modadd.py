@@ -6,6 +6,7 @@ import cmath
 import collections
 import importlib.util
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -132,3 +133,48 @@ def test_ami_limits(repro):
     mean = sum(draws) / len(draws)
     sd = (sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)) ** 0.5
     assert abs(mean) < 4 * sd / len(draws) ** 0.5  # 4 standard errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end on the shipped model, small budget, against the recorded full run
+# ---------------------------------------------------------------------------------------------------------
+def _close(small: int | None, full: int | None) -> bool:
+    """Directions needed agree within max(3, 30%) of the full run's.
+
+    The small budget measures accuracy on 1024 of the 8938 held-out pairs (binomial s.e. of a 1% disagreement
+    rate ≈ 0.3%, so the crossing of the 1% line can move by a few directions on a flat stretch of the curve)
+    and builds the bases from 2048 of the 12769 pairs.
+    """
+    if small is None or full is None:
+        return small == full
+    return abs(small - full) <= max(3, 0.3 * full)
+
+
+@pytest.mark.tl3
+def test_reproduction_end_to_end_small_budget(repro):
+    recorded = json.loads(RECORDED.read_text())["results"][0]
+    res = repro.run("modadd-113", repro.BUDGETS["small"])
+    assert res["test_accuracy"] == pytest.approx(recorded["test_accuracy"], abs=1e-9)  # the same model
+    assert res["test_accuracy"] >= 0.999
+    for site in repro.SITES:
+        ours, full = res["sites"][site], recorded["sites"][site]
+        for kind in ("interaction", "pca", "lib"):
+            if kind in ours["needed"] and kind in full["needed"] and (kind != "lib" or site in res["lib_sites"]
+                                                                       and res["lib_sites"] == recorded["lib_sites"]):
+                assert _close(ours["needed"][kind], full["needed"][kind]), (site, kind, ours["needed"], full["needed"])
+        # the strongest kept directions carry frequencies the full run also finds at that site
+        full_freqs = set(full["fourier"]["interaction"]["distinct_clear_frequencies"])
+        top = [d["frequency"] for d in ours["fourier"]["interaction"]["leading"][:4] if d["fraction"] >= repro.CLEAR]
+        assert top and set(top) <= full_freqs, (site, top, full_freqs)
+    # the MLP's neurons: the same most common frequency as the full run
+    ns, full_ns = res["neuron_sync"], recorded["neuron_sync"]
+    assert next(iter(ns["neuron_frequencies"])) == next(iter(full_ns["neuron_frequencies"]))
+    assert abs(ns["n_clear_neurons"] - full_ns["n_clear_neurons"]) <= 0.1 * full_ns["n_alive"]
+    # modules: both runs find a partition that matches frequencies (AMI well above the 0 of chance)
+    assert res["modules"]["ami"] is not None and res["modules"]["ami"] > 0.2
+    # the LLC: the small budget's chains are too short to converge; only the calibration's record is checked
+    for name in ("model", "mlp"):
+        cells = res["llc"][name]["cells"]
+        assert len(cells) == len(repro.BUDGETS["small"]["llc_steps"]) * len(repro.BUDGETS["small"]["llc_gammas"])
+        assert all(c["verdict"] for c in cells)
+    assert "| ln2.0 | pca |" in repro.table([res])
