@@ -44,11 +44,13 @@ from tl_degeneracy.collection import (
     plan_memory,
 )
 from tl_degeneracy.data import (
+    ModAddData,
     TokenBatch,
     TokenBatches,
     bundled_data_path,
     bundled_model_path,
     load_data,
+    modadd_data,
     token_batches,
 )
 from tl_degeneracy.errors import (
@@ -132,6 +134,8 @@ __all__ = [
     "llc_scale_sweep",
     "llc_scale_sweep_distributed",
     "load_data",
+    "ModAddData",
+    "modadd_data",
     "load_model",
     "measure_loss",
     "measure_losses",

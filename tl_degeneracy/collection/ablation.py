@@ -109,8 +109,8 @@ def measure_losses(
             for batch in shard(data, ctx=ctx):
                 tokens = batch.tokens.to(adapter.device)
                 out = output_mask(batch).to(adapter.device)
-                targets, ce_mask = _next_tokens(tokens, out, batch.mask.to(adapter.device))
                 ref = torch.log_softmax(adapter.forward(tokens).to(torch.float64), dim=-1)
+                targets, ce_mask = _next_tokens(tokens, out, batch.mask.to(adapter.device), ref.shape[-1])
                 forwards += 1
                 bar.update(1)
                 ce_ref = -ref.gather(-1, targets[..., None]).squeeze(-1)
@@ -171,13 +171,17 @@ def _check_loss(loss: str) -> None:
         raise BadInputError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def _next_tokens(tokens: Tensor, out: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token targets [B, T] and where they exist: output positions whose next position is a real token."""
+def _next_tokens(tokens: Tensor, out: Tensor, counted: Tensor, n_out_vocab: int) -> tuple[Tensor, Tensor]:
+    """Next-token targets [B, T] and where they exist: output positions whose next position is a real token
+    inside the output vocabulary (``n_out_vocab`` logits; a model such as modular addition reads fewer
+    tokens out than it reads in). Targets are 0 wherever the mask is False, so a gather never goes out of range.
+    """
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     has_next = torch.zeros_like(out)
     has_next[:, :-1] = counted[:, 1:]
-    return targets, out & has_next
+    ce_mask = out & has_next & (targets < n_out_vocab)
+    return targets.masked_fill(~ce_mask, 0), ce_mask
 
 
 def _batch_loss(loss: str, ref: Tensor, new: Tensor, out: Tensor, targets: Tensor, ce_mask: Tensor,
