@@ -213,7 +213,7 @@ def test_chain_parallel_llc_on_two_ranks_equals_single_process(tmp_path):
 CLI_BUDGET = ["--seq-len", "16", "--n-tokens", "300", "--batch-size", "8", "--n-probes", "2", "--llc-steps", "6",
               "--llc-burnin", "2", "--llc-chains", "2", "--llc-n-tokens", "40", "--llc-batch-size", "4",
               "--llc-nbetas", "3000,10000", "--no-sync", "--layers", "0,1", "--no-progress", "--device", "cpu",
-              "--threads", "1"]
+              "--threads", "1", "--ablate-n-tokens", "64", "--no-graph"]  # small stages on rank 0 alone
 
 
 def _summary_rows(folder: Path) -> list[dict[str, str]]:
@@ -254,3 +254,90 @@ def test_torchrun_cli_on_the_bundled_model_writes_the_single_process_summary(tmp
             same = fx == fy or (math.isnan(fx) and math.isnan(fy))  # an s.e. of 2 chains may be NaN in both
             assert same or abs(fx - fy) <= 1e-9 * max(abs(fx), abs(fy)), (key, x, y)
     assert not list(two.glob("**/*.rank*")), "only rank 0 writes into the run folder"
+
+
+# ---- ablation passes shard over batches too -----------------------------------------------------------------
+def _ablation_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model, data, bases, site = _ablation_setup()
+        curves = tld.ablation_curves(model, data, bases, site=site, loss="kl", progress=False)
+        for kind, curve in curves.items():
+            curve.save(f"{folder}/{kind}-rank{rank}")
+        real = tld.collection.ablation.accurate_matmuls  # a failure on rank 1 only: every rank stops
+
+        def failing(*a, **k):
+            if rank == 1:
+                raise NonFiniteError("NaN injected on rank 1")
+            return real(*a, **k)
+
+        tld.collection.ablation.accurate_matmuls = failing
+        try:
+            tld.measure_loss(model, data, bases["pca"].ablation_hooks(site, keep=2))
+        except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
+            Path(f"{folder}/fail-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ablation_setup():
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(7, 10, seed=4), batch_size=2)  # 4 batches, the last short
+    site = "blocks.1.hook_resid_pre"
+    stats = tld.collect(model, data, sites=[site], jacobian="kl", n_probes=2, progress=False)
+    bases = {"interaction": tld.interaction_basis(stats.gram(site), stats.jacobian_gram(site), mean=stats.mean(site)),
+             "pca": tld.pca_basis(stats.gram(site), mean=stats.mean(site))}
+    return model, data, bases, site
+
+
+def test_ablation_curves_on_two_ranks_equal_the_single_process_curves(tmp_path):
+    """Each rank measures every other batch; the all-reduced float64 sums equal one process's up to summation
+    order (a few ulps of the totals); a failure on one rank stops both, rank 0 naming it."""
+    mp.spawn(_ablation_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, data, bases, site = _ablation_setup()
+    single = tld.ablation_curves(model, data, bases, site=site, loss="kl", progress=False)
+    for kind, curve in single.items():
+        for rank in range(2):
+            got = tld.AblationCurve.load(tmp_path / f"{kind}-rank{rank}")
+            assert got.keep == curve.keep and got.n_tokens == curve.n_tokens
+            assert torch.allclose(got.loss, curve.loss, rtol=1e-12, atol=1e-15), kind
+    assert "RankFailedError: rank 1 of 2" in (tmp_path / "fail-rank0.error").read_text()
+    assert "NaN injected on rank 1" in (tmp_path / "fail-rank1.error").read_text()
+
+
+def _graph_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model, data, sites, stats = _graph_setup()
+        bases = tld.local_interaction_bases(model, data, sites, stats=stats, n_probes=2, seed=1)
+        graph = tld.interaction_graph(model, data, bases, sites, method="integrated", n_points=2,
+                                      estimator="probe", n_probes=2, seed=1)
+        graph.save(f"{folder}/graph-rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _graph_setup():
+    model = make_tiny_model()
+    data = tld.token_batches(model, random_tokens(5, 8, seed=6), batch_size=2)  # 3 batches: uneven over 2 ranks
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    stats = tld.collect(model, data, sites=sites, jacobian="kl", n_probes=2, progress=False)
+    return model, data, sites, stats
+
+
+def test_interaction_graph_on_two_ranks_equals_the_single_process_graph(tmp_path):
+    """LIB Grams and edges are sums over batches with probes seeded per batch: 2 ranks give the single
+    process's graph up to float64 summation order (the bases are eigen-decompositions of those sums, so a
+    relative 1e-9 covers their conditioning here)."""
+    mp.spawn(_graph_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, data, sites, stats = _graph_setup()
+    bases = tld.local_interaction_bases(model, data, sites, stats=stats, n_probes=2, seed=1)
+    single = tld.interaction_graph(model, data, bases, sites, method="integrated", n_points=2,
+                                   estimator="probe", n_probes=2, seed=1)
+    for rank in range(2):
+        got = tld.InteractionGraph.load(tmp_path / f"graph-rank{rank}")
+        for pair, edges in single.edges.items():
+            assert got.edges[pair].shape == edges.shape
+            assert torch.allclose(got.edges[pair], edges, rtol=1e-9, atol=1e-12 * float(edges.abs().max())), pair

@@ -44,11 +44,13 @@ from tl_degeneracy.collection import (
     plan_memory,
 )
 from tl_degeneracy.data import (
+    ModAddData,
     TokenBatch,
     TokenBatches,
     bundled_data_path,
     bundled_model_path,
     load_data,
+    modadd_data,
     token_batches,
 )
 from tl_degeneracy.errors import (
@@ -71,11 +73,22 @@ from tl_degeneracy.llc import (
     sgld_llc,
 )
 from tl_degeneracy.llc.parallel import estimate_llc_distributed, llc_scale_sweep_distributed
-from tl_degeneracy.methods import interaction_graph, local_interaction_bases
+from tl_degeneracy.methods import (
+    EdgeAblationCurve,
+    EdgesNeeded,
+    edge_ablation_curve,
+    edges_needed,
+    interaction_graph,
+    local_interaction_bases,
+)
 from tl_degeneracy.sites import SITE_KINDS, resolve_sites
 from tl_degeneracy.stats import Stats
 
 __all__ = [
+    "EdgeAblationCurve",
+    "EdgesNeeded",
+    "edge_ablation_curve",
+    "edges_needed",
     "local_interaction_bases",
     "interaction_graph",
     "find_modules",
@@ -121,6 +134,8 @@ __all__ = [
     "llc_scale_sweep",
     "llc_scale_sweep_distributed",
     "load_data",
+    "ModAddData",
+    "modadd_data",
     "load_model",
     "measure_loss",
     "measure_losses",

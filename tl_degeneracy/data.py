@@ -533,3 +533,96 @@ def _bundled_texts_for(model: Any, path: Path) -> list[str] | None:
     cuts = [-1, *(stream == eot).nonzero().flatten().tolist(), stream.numel()]
     texts = [bundled.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     return [t for t in texts if t.strip()]
+
+
+# =====================================================================================================
+# Modular-addition data for the bundled grokked model (issue 20)
+#
+# `tl_degeneracy/bundled/modadd-{p}-tokens.safetensors` (made by scripts/train_modadd.py) holds every
+# input "a b =" of the
+# task: `tokens` [p², 3] int32 (row a * p + b is [a, b, p]), `labels` [p²] int32 ((a + b) mod p) and
+# `is_train` [p²] bool (the model's training pairs). Only the last position (the answer) is an output.
+# =====================================================================================================
+
+#: the position of "=" in a modular-addition input, where the answer is read
+MODADD_ANSWER_POSITION = 2
+
+
+@dataclass(frozen=True)
+class ModAddData:
+    """Modular-addition inputs and answers (what :func:`modadd_data` returns).
+
+    ``tokens`` [N, 3] long (``[a, b, p]``), ``labels`` [N] long (``(a + b) mod p``), ``is_train`` [N] bool
+    (whether each pair was a training pair of the bundled model), ``p``, ``split`` and
+    ``answer_position`` (2: only that position's logits are an output; activations at every position
+    can matter, SPEC §5b).
+    """
+
+    tokens: Int[torch.Tensor, "rows 3"]
+    labels: Int[torch.Tensor, " rows"]
+    is_train: Bool[torch.Tensor, " rows"]
+    p: int
+    split: str
+    answer_position: int = MODADD_ANSWER_POSITION
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @torch.no_grad()
+    def accuracy(self, model: Any, *, batch_size: int = 4096) -> float:
+        """Fraction of rows whose argmax logit at the answer position (over the p numbers) is the label."""
+        adapter = as_adapter(model)
+        correct = 0
+        with adapter.eval_mode():
+            for start in range(0, len(self), batch_size):
+                rows = slice(start, start + batch_size)
+                tokens = self.tokens[rows].to(adapter.device)
+                logits = adapter.forward(tokens)[:, self.answer_position, : self.p]
+                correct += int((logits.argmax(-1).cpu() == self.labels[rows]).sum())
+        return correct / len(self)
+
+
+def modadd_data(
+    model: Any = None,
+    *,
+    split: str = "all",
+    p: int | None = None,
+    path: str | os.PathLike | None = None,
+) -> ModAddData:
+    """All modular-addition pairs of a bundled token file, or its training or held-out share.
+
+    ``p`` defaults to the model's (``d_vocab - 1``: tokens ``0..p-1`` are numbers and ``p`` is "="), or to
+    113 without a model; ``path`` defaults to the bundled ``tl_degeneracy/bundled/modadd-{p}-tokens.safetensors``.
+    ``split``: ``"all"`` (the p² pairs, row ``a * p + b``), ``"train"`` (the pairs the bundled model was
+    trained on) or ``"test"`` (the held-out pairs). With a model, the ids are checked against its vocabulary
+    and context. Raises :class:`BadInputError` for an unknown split or a file that does not fit.
+
+    Example::
+
+        model = tld.load_model("modadd-113")
+        test = tld.modadd_data(model, split="test")      # the 8938 held-out pairs
+        test.tokens[0], test.labels[0]                   # tensor([0, 0, 113]), tensor(0)
+        test.accuracy(model)                             # 1.0 for the bundled model
+        data = tld.token_batches(model, test.tokens, count="all", outputs="last", batch_size=1024)
+    """
+    if split not in ("all", "train", "test"):
+        raise BadInputError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    adapter = None if model is None else as_adapter(model)
+    if p is None:
+        p = 113 if adapter is None else adapter.d_vocab - 1
+    file = Path(path) if path is not None else bundled_data_path(f"modadd-{p}-tokens")
+    if not file.is_file():
+        raise BadInputError(
+            f"modular-addition token file '{file}' not found; make one with scripts/train_modadd.py --p {p}"
+        )
+    entries, _ = load_tensors(file, what="modular-addition token file")
+    missing = {"tokens", "labels", "is_train"} - set(entries)
+    if missing:
+        raise BadInputError(f"'{file}' lacks {sorted(missing)}: not a modular-addition token file")
+    tokens, labels, is_train = entries["tokens"].long(), entries["labels"].long(), entries["is_train"].bool()
+    if tokens.shape != (p * p, 3) or int(tokens[:, 2].min()) != p or int(tokens[:, 2].max()) != p:
+        raise BadInputError(f"'{file}' does not hold the {p * p} inputs [a, b, {p}] of p = {p}")
+    if adapter is not None:
+        _validate(tokens, torch.ones_like(tokens, dtype=torch.bool), adapter.d_vocab, adapter.n_ctx)
+    keep = {"all": torch.ones_like(is_train), "train": is_train, "test": ~is_train}[split]
+    return ModAddData(tokens[keep], labels[keep], is_train[keep], p, split)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.metadata
+import importlib.resources
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -346,7 +348,15 @@ def load_model(
     On TransformerLens 4.x this is ``TransformerBridge.boot_transformers`` (a folder written by
     ``save_pretrained`` loads offline). On 3.x a hub name goes through ``HookedTransformer.from_pretrained``
     and a local GPT-2 folder is converted with TransformerLens's own GPT-2 weight conversion.
+
+    A folder holding a TransformerLens state dict (``config.json`` with
+    ``"tl_degeneracy_format": "hooked_transformer_state_dict"``), or the name of a bundled one, loads on
+    either major through :func:`_load_modadd`: ``load_model("modadd-113")`` is the bundled grokked
+    modular-addition transformer (``tl_degeneracy/bundled/modadd-113``, see :func:`tl_degeneracy.modadd_data`).
     """
+    state_dict_folder = _tl_state_dict_folder(name_or_path)
+    if state_dict_folder is not None:
+        return _load_modadd(state_dict_folder, device=device, dtype=dtype)
     path = Path(name_or_path)
     is_local = path.exists()
     if not is_local and (os.sep in str(name_or_path) or str(name_or_path).startswith(".")):
@@ -451,3 +461,94 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# =====================================================================================================
+# The bundled modular-addition model (issue 20): a folder holding a TransformerLens state dict
+#
+# `tl_degeneracy/bundled/modadd-113/` (made by scripts/train_modadd.py) has no HuggingFace architecture:
+# `config.json` holds
+# HookedTransformerConfig fields plus "tl_degeneracy_format": "hooked_transformer_state_dict", and
+# `model.safetensors` holds the weights under HookedTransformer's state-dict names and shapes
+# (`blocks.0.attn.W_Q` [n_heads, d_model, d_head], ...). 4.x builds a `boot_native` bridge and loads them
+# through TransformerLens's own converter; 3.x builds a `HookedTransformer` and loads them as they are.
+# =====================================================================================================
+
+_TL_STATE_DICT_FORMAT = "hooked_transformer_state_dict"
+# HookedTransformerConfig fields read from config.json (both majors accept each of them)
+_TL_CONFIG_FIELDS = (
+    "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx", "act_fn",
+    "normalization_type", "attn_only", "positional_embedding_type", "model_name",
+)
+
+
+def _bundled_dir() -> Path:
+    """The package's bundled-data folder (``tl_degeneracy/bundled/``, or ``$TL_DEGENERACY_DATA``).
+
+    The same folder as :data:`tl_degeneracy.data.DATA_DIR`, found here without importing ``data``
+    (the layer rules let ``data`` import the adapter, not the reverse).
+    """
+    if os.environ.get("TL_DEGENERACY_DATA"):
+        return Path(os.environ["TL_DEGENERACY_DATA"])
+    return Path(str(importlib.resources.files("tl_degeneracy").joinpath("bundled")))
+
+
+def _tl_state_dict_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder of a TransformerLens state-dict model (a path, or a bundled name such as ``"modadd-113"``).
+
+    ``None`` when ``name_or_path`` is neither (then :func:`load_model` goes on as for HuggingFace models).
+    """
+    for folder in (Path(name_or_path), _bundled_dir() / str(name_or_path)):
+        config = folder / "config.json"
+        if config.is_file() and (folder / "model.safetensors").is_file():
+            try:
+                fmt = json.loads(config.read_text()).get("tl_degeneracy_format")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if fmt == _TL_STATE_DICT_FORMAT:
+                return folder
+    return None
+
+
+def _load_modadd(path: str | os.PathLike, *, device: str | torch.device, dtype: torch.dtype) -> Any:
+    """Load a TransformerLens state-dict folder (the bundled ``modadd-113``) as a model of the installed major.
+
+    4.x: ``TransformerBridge.boot_native`` with the saved config, then the weights converted by
+    ``transformer_lens.utilities.tl_checkpoint_conversion.convert_tl_checkpoint`` and loaded strictly.
+    3.x: ``HookedTransformer(HookedTransformerConfig(...))`` and ``load_state_dict``; only the attention
+    mask buffers (``mask``, ``IGNORE``), which the file does not hold, may be missing.
+    Returns the model in eval mode, with no tokenizer (feed token ids).
+
+    Example::
+
+        model = _load_modadd(tld.data.DATA_DIR / "modadd-113", device="cpu", dtype=torch.float32)
+        model(torch.tensor([[3, 5, 113]]))[0, -1].argmax()   # tensor(8)
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    saved = json.loads((folder / "config.json").read_text())
+    if saved.get("tl_degeneracy_format") != _TL_STATE_DICT_FORMAT:
+        raise BadInputError(f"'{folder}/config.json' does not describe a TransformerLens state-dict folder")
+    fields = {key: saved[key] for key in _TL_CONFIG_FIELDS if key in saved}
+    weights = load_file(str(folder / "model.safetensors"))
+    if transformer_lens_version().startswith(("0.", "1.", "2.", "3.")):
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(HookedTransformerConfig(**fields, device=str(device), dtype=dtype))
+        result = model.load_state_dict(weights, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith((".mask", ".IGNORE"))]
+        if missing or result.unexpected_keys:
+            raise BadInputError(
+                f"'{folder}' does not match its config: missing {missing}, unexpected {result.unexpected_keys}"
+            )
+    else:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+        cfg = TransformerBridgeConfig(**fields, seed=0)
+        model = TransformerBridge.boot_native(cfg, device=device, dtype=dtype, model_name=fields["model_name"])
+        model.load_state_dict(convert_tl_checkpoint(weights, cfg), strict=True)
+    model.eval()
+    return model

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
+from tl_degeneracy.collection.distributed import context, shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls
 from tl_degeneracy.data import TokenBatch, TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -84,6 +85,11 @@ def measure_losses(
     whole stream). ``loss``: ``"kl"`` mean KL(p_original ‖ p_intervened); ``"ce"`` increase of the next-token
     cross-entropy; ``"top1"`` fraction of output positions whose argmax changed. Per batch: one unablated
     forward, then one forward per intervention (cost ``len(data) × (1 + n)`` forwards).
+
+    Under ``torch.distributed`` (initialised, more than one rank) every rank measures its share of the
+    batches (:func:`~tl_degeneracy.collection.distributed.shard`) and the sums are all-reduced, so every rank
+    returns the same measurement as one process (up to float64 summation order); a rank that fails stops
+    every rank, rank 0 naming it.
     """
     adapter = as_adapter(model)
     _check_loss(loss)
@@ -94,14 +100,17 @@ def measure_losses(
     totals = torch.zeros(len(interventions), dtype=torch.float64)
     ce_total, n_out, n_ce, forwards = 0.0, 0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=len(data) * (1 + len(interventions)), unit="fwd", disable=not progress, desc=desc)
+    ctx = context()
+    bar = tqdm(total=len(data) * (1 + len(interventions)), unit="fwd", desc=desc,
+               disable=not progress or (ctx is not None and not ctx.is_main))
     try:
-        with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls(), torch.no_grad():
-            for batch in data:
+        with sharded_sums(ctx) as acc, adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls(), \
+                torch.no_grad():
+            for batch in shard(data, ctx=ctx):
                 tokens = batch.tokens.to(adapter.device)
                 out = output_mask(batch).to(adapter.device)
-                targets, ce_mask = _next_tokens(tokens, out, batch.mask.to(adapter.device))
                 ref = torch.log_softmax(adapter.forward(tokens).to(torch.float64), dim=-1)
+                targets, ce_mask = _next_tokens(tokens, out, batch.mask.to(adapter.device), ref.shape[-1])
                 forwards += 1
                 bar.update(1)
                 ce_ref = -ref.gather(-1, targets[..., None]).squeeze(-1)
@@ -119,8 +128,14 @@ def measure_losses(
                         raise NonFiniteError(f"NaN or inf in the logits of intervention {i} at batch {batch.index}")
                     totals[i] += _batch_loss(loss, ref, new, out, targets, ce_mask, ce_ref).cpu()
                 del ref
+                acc.sums = {"totals": totals, "ce": torch.tensor([ce_total], dtype=torch.float64),
+                            "counts": torch.tensor([n_out, n_ce, forwards])}
     finally:
         bar.close()
+    if acc.sums:  # the totals over ranks (sharded) or this process's
+        totals = acc.sums["totals"].cpu()
+        ce_total = float(acc.sums["ce"][0])
+        n_out, n_ce, forwards = (int(x) for x in acc.sums["counts"].tolist())
     denom = n_ce if loss == "ce" else n_out
     if denom == 0:
         raise BadInputError("the data has no output positions to measure a loss on (check the masks)")
@@ -156,13 +171,17 @@ def _check_loss(loss: str) -> None:
         raise BadInputError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def _next_tokens(tokens: Tensor, out: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token targets [B, T] and where they exist: output positions whose next position is a real token."""
+def _next_tokens(tokens: Tensor, out: Tensor, counted: Tensor, n_out_vocab: int) -> tuple[Tensor, Tensor]:
+    """Next-token targets [B, T] and where they exist: output positions whose next position is a real token
+    inside the output vocabulary (``n_out_vocab`` logits; a model such as modular addition reads fewer
+    tokens out than it reads in). Targets are 0 wherever the mask is False, so a gather never goes out of range.
+    """
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     has_next = torch.zeros_like(out)
     has_next[:, :-1] = counted[:, 1:]
-    return targets, out & has_next
+    ce_mask = out & has_next & (targets < n_out_vocab)
+    return targets.masked_fill(~ce_mask, 0), ce_mask
 
 
 def _batch_loss(loss: str, ref: Tensor, new: Tensor, out: Tensor, targets: Tensor, ce_mask: Tensor,

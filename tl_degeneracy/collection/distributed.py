@@ -27,6 +27,7 @@ Example (``torchrun --nproc_per_node=2 script.py``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -67,9 +68,29 @@ class DistContext:
         return {"world_size": self.world_size, "backend": self.backend}
 
 
+_LOCAL_ONLY = [0]  # > 0 inside local_only(): passes run in this process alone
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside the block, :func:`context` is None: every pass runs in this process alone although a process
+    group exists (the command line's rank 0 runs the stages other than the statistics alone, while the other
+    ranks have left). Example::
+
+        with local_only():
+            curves = tld.ablation_curves(model, data, bases, site=site)   # no collective
+    """
+    _LOCAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
+
 def context() -> DistContext | None:
-    """The current process group as a :class:`DistContext`, or None when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """The current process group as a :class:`DistContext`, or None when torch.distributed is not initialised
+    (or inside :func:`local_only`)."""
+    if _LOCAL_ONLY[0] or not (dist.is_available() and dist.is_initialized()):
         return None
     return DistContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 
@@ -171,6 +192,58 @@ def agree_min(value: float | None, *, ctx: DistContext | None = None) -> float |
 
 class RankFailedError(errors.TLDegeneracyError, RuntimeError):
     """Another rank of a distributed pass failed; the message names that rank and its error."""
+
+
+def raise_if_any_failed(own: BaseException | None, *, ctx: DistContext | None = None) -> None:
+    """Call on every rank after a sharded loop, with the exception this rank caught (or None): when any rank
+    failed, every rank raises (rank 0 a :class:`RankFailedError` naming the first failing rank); otherwise
+    nothing happens. One small all-reduce; for passes other than ``collect`` (ablation, graph)."""
+    ctx = ctx or context()
+    if ctx is None or ctx.world_size == 1:
+        if own is not None:
+            raise own
+        return
+    flag = torch.tensor([0.0 if own is None else 1.0], dtype=torch.float64, device=_collective_device(ctx))
+    dist.all_reduce(flag)
+    if float(flag.item()) > 0:
+        _raise_agreed(ctx, own)
+
+
+@contextlib.contextmanager
+def sharded_sums(ctx: DistContext | None = None) -> Iterator[ShardedSums]:
+    """The pattern of every pass that sums over batches (ablation losses, LIB Grams, edges): loop over
+    :func:`shard` inside the block and put the per-rank sums in ``acc.sums``; on leaving, every rank learns
+    whether some rank failed (:func:`raise_if_any_failed`) and ``acc.sums`` become the totals over ranks.
+    Without a process group (or with one rank) it changes nothing.
+
+    Example::
+
+        with sharded_sums() as acc:
+            for batch in shard(data):
+                acc.sums["x"] = acc.sums.get("x", 0) + f(batch)
+        total = acc.sums["x"]
+    """
+    ctx = ctx or context()
+    acc = ShardedSums({}, ctx if ctx is not None and ctx.world_size > 1 else None)
+    failure: BaseException | None = None
+    try:
+        yield acc
+    except Exception as err:  # noqa: BLE001 - sharded: every rank must learn of it before the sums
+        if acc.ctx is None:
+            raise
+        failure = err
+    if acc.ctx is not None:
+        raise_if_any_failed(failure, ctx=acc.ctx)
+        acc.sums = all_reduce_sums(acc.sums, ctx=acc.ctx)
+
+
+@dataclass
+class ShardedSums:
+    """What :func:`sharded_sums` yields: ``sums`` (name → tensor, this rank's, then the totals) and ``ctx``
+    (the process group when sharded, else None)."""
+
+    sums: dict[str, torch.Tensor]
+    ctx: DistContext | None
 
 
 def _raise_agreed(ctx: DistContext, own: BaseException | None) -> None:

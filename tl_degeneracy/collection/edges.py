@@ -32,6 +32,7 @@ import torch
 
 from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.collection.cut import activation, batched_vjp, cut_forward, one_hot_cotangents
+from tl_degeneracy.collection.distributed import shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls, flatten_site
 from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -81,8 +82,8 @@ def edge_matrix(
     E = torch.zeros(k_a, k_b, dtype=torch.float64)
     var = torch.zeros(k_a, k_b, dtype=torch.float64)
     n_total = 0
-    with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
-        for batch in data:
+    with sharded_sums() as acc, adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
+        for batch in shard(data):  # this rank's share under torch.distributed, else every batch
             mask = batch.mask.to(device)
             n = int(mask.sum())
             if n == 0:
@@ -120,6 +121,9 @@ def edge_matrix(
                 raise NonFiniteError(f"NaN or inf in the edges {site_a} → {site_b} at batch {batch.index}")
             E += inc.cpu()
             n_total += n
+            acc.sums = {"E": E, "var": var, "n": torch.tensor(n_total)}
+    if acc.sums:  # totals over ranks when sharded
+        E, var, n_total = acc.sums["E"].cpu(), acc.sums["var"].cpu(), int(acc.sums["n"])
     if n_total == 0:
         raise BadInputError("the data has no counted tokens")
     stderr = var.sqrt() / n_total if estimator == "probe" and n_probes > 1 else None

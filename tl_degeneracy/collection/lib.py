@@ -27,6 +27,7 @@ import torch
 
 from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.collection.cut import batched_vjp, cut_forward, one_hot_cotangents
+from tl_degeneracy.collection.distributed import shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls, flatten_site
 from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
@@ -55,8 +56,8 @@ def local_jacobian_gram(
     device = adapter.device
     M: torch.Tensor | None = None
     n_total = 0
-    with adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
-        for batch in data:
+    with sharded_sums() as acc, adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
+        for batch in shard(data):  # this rank's share under torch.distributed, else every batch
             mask = batch.mask.to(device)
             n = int(mask.sum())
             if n == 0:
@@ -77,6 +78,9 @@ def local_jacobian_gram(
                 raise NonFiniteError(f"NaN or inf in the B→A Jacobian at batch {batch.index} ({site_b} → {site_a})")
             M = inc * weight if M is None else M + inc * weight
             n_total += n
+            acc.sums = {"M": M, "n": torch.tensor(n_total)}
+    if acc.sums:  # totals over ranks when sharded
+        M, n_total = acc.sums["M"], int(acc.sums["n"])
     if M is None:
         raise BadInputError("the data has no counted tokens")
     return (M / n_total).cpu(), n_total

@@ -45,7 +45,7 @@ class LLCCalibration:
         nbeta: nβ of every cell.
         llc, llc_se, acceptance, r_hat: [γ, ε] tensors of λ̂, its standard error, the mean MALA acceptance and
             the rank-normalised R̂.
-        verdicts: [γ][ε] verdict strings (``"converged"`` or ``"not converged: ..."``).
+        verdicts: ``[γ][ε]`` verdict strings (``"converged"`` or ``"not converged: ..."``).
         flat: [γ, ε] bool: converged and in the flat region (see the module docstring).
         recommended: ``{"step_size", "localization", "llc", "llc_se"}``, or None when no γ has two flat cells.
         reason: one line saying why that recommendation, or why none.

@@ -6,6 +6,8 @@ next site's basis; the interaction graph needs the bases of both ends of every e
 import each other; the run layer and the public face use them.
 """
 
+from tl_degeneracy.methods.edge_ablation import EdgeAblationCurve, EdgesNeeded, edge_ablation_curve, edges_needed
 from tl_degeneracy.methods.graph import interaction_graph, local_interaction_bases
 
-__all__ = ["interaction_graph", "local_interaction_bases"]
+__all__ = ["EdgeAblationCurve", "EdgesNeeded", "edge_ablation_curve", "edges_needed", "interaction_graph",
+           "local_interaction_bases"]

@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,calibrate,report}")
 
     run = sub.add_parser("run", help="sweep layers and write a report folder",
-                         description="Run the stages (stats, basis, sync, llc, report) into --out. A stage "
-                                     "whose outputs already exist with the same settings is skipped, so an "
+                         description="Run the stages (stats, basis, ablate, graph, sync, llc, report) into --out. "
+                                     "A stage whose outputs already exist with the same settings is skipped, so an "
                                      "interrupted run resumes when the same command is run again.")
     _add_run_arguments(run, d)
     cal = sub.add_parser("calibrate", help="choose the LLC step size and localization on a grid (into --out)",

@@ -260,6 +260,21 @@ class RunFolder:
         """Where the :class:`~tl_degeneracy.InteractionGraph` is saved (``graph.safetensors`` + ``.json``)."""
         return self.graph / "graph.safetensors"
 
+    def edges_needed(self, kind: str) -> Path:
+        """Where the graph stage saves the edges needed of the ``kind`` basis (``EdgesNeeded.save``)."""
+        return self.graph / f"edges_needed.{kind}"
+
+    def saved_edges_needed(self) -> dict[str, Path]:
+        """kind -> tensor file of every saved :class:`~tl_degeneracy.EdgesNeeded`."""
+        prefix, suffix = "edges_needed.", ".safetensors"
+        return {p.name.removeprefix(prefix).removesuffix(suffix): p
+                for p in sorted(self.graph.glob(f"{prefix}*{suffix}"))}
+
+    @property
+    def graph_identity(self) -> Path:
+        """The settings and statistics a graph stage in progress was run for (its progress folder only)."""
+        return self.graph / "identity.json"
+
     # ---- report -------------------------------------------------------------------------------------
     @property
     def plots(self) -> Path:

@@ -49,6 +49,7 @@ import torch
 import tl_degeneracy as tld
 from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_file, write_json
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
+from tl_degeneracy.collection.distributed import local_only
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
 from tl_degeneracy.run.layout import RunFolder, staged
 from tl_degeneracy.sites import check_layers, site_dim
@@ -495,7 +496,10 @@ def _run_one(stage: Stage, ctx: RunContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     ctx.stage = None if stage.always else name
     try:
-        outputs, summary = stage.run(ctx)
+        # only the statistics pass is shared by the ranks of `torchrun` (run/distributed.py: the other ranks
+        # leave after it); every other stage runs on rank 0 alone, so its passes must not wait for them
+        with contextlib.nullcontext() if name == "stats" else local_only():
+            outputs, summary = stage.run(ctx)
     except BaseException:
         folder.discard(name)
         raise
@@ -710,16 +714,23 @@ def _run_ablate(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
 
 
 GRAPH_OPTIONS = {"method": "integrated", "n_points": 2, "estimator": "probe", "n_probes": 1, "lib_probes": 2}
+#: bases whose edges-needed the graph stage compares on the first pair (companion paper's sparsity measure)
+EDGE_KINDS = ("local", "interaction", "pca")
 
 
 def _graph_settings(c: RunConfig) -> dict[str, Any]:
     return {"n_tokens": c.graph_n_tokens, "eps": c.graph_eps, "rtol": c.rtol, "atol": c.atol, "seed": c.seed,
-            "batch_size": c.batch_size, **GRAPH_OPTIONS}
+            "batch_size": c.batch_size, **GRAPH_OPTIONS, "edges_needed": {"pair": "first", "loss": "kl",
+                                                                         "tolerance": c.ablate_tolerance}}
 
 
 def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
-    """LIB of the residual stream (resid_pre of every analysed layer), its interaction graph and modules at
-    ``graph_eps`` when set (the report stage draws the graph from the saved file)."""
+    """LIB of the residual stream (resid_pre of every analysed layer), its interaction graph, modules at
+    ``graph_eps`` when set (the report stage draws the graph from the saved file), and the edges needed on the
+    first pair in the local, interaction and PCA bases (KL within ``ablate_tolerance``).
+
+    Resumes after an interrupt: the progress folder keeps the LIB and graph, then each basis's edges needed,
+    with the identity (settings, statistics) they were made for."""
     c = ctx.config
     stats = tld.Stats.load(ctx.folder.stats)
     sites = sorted((s for s in stats.sites if s.endswith(".hook_resid_pre")), key=lambda s: int(s.split(".")[1]))
@@ -727,12 +738,24 @@ def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
         raise BadInputError("the graph stage needs resid_pre statistics at two or more layers; collect with "
                             "--sites resid_pre and two or more --layers")
     data = ctx.data(n_tokens=c.graph_n_tokens, batch_size=c.batch_size)
-    with _forward_warnings(ctx.log):
-        bases = tld.local_interaction_bases(ctx.model, data, sites, stats=stats, rtol=c.rtol, atol=c.atol,
-                                            n_probes=GRAPH_OPTIONS["lib_probes"], seed=c.seed)
-        graph = tld.interaction_graph(ctx.model, data, bases, sites, method=GRAPH_OPTIONS["method"],
-                                      n_points=GRAPH_OPTIONS["n_points"], estimator=GRAPH_OPTIONS["estimator"],
-                                      n_probes=GRAPH_OPTIONS["n_probes"], seed=c.seed)
+    progress = ctx.progress_folder
+    identity = json_safe({"settings": _graph_settings(c), "stats": (read_marker(ctx.out, "stats") or {}).get("id")})
+    if progress.root.is_dir() and not (progress.graph_identity.is_file()
+                                       and read_json(progress.graph_identity) == identity):
+        ctx.folder.discard_progress("graph")
+    write_json(progress.graph_identity, identity)
+    if progress.graph_result.is_file() and all(tensor_path(progress.graph / f"{s}.local").is_file() for s in sites):
+        ctx.log("graph: local bases and graph (done before the interruption)")
+        bases = {s: tld.InteractionBasis.load(progress.graph / f"{s}.local") for s in sites}
+        graph = tld.InteractionGraph.load(progress.graph_result)
+    else:
+        with _forward_warnings(ctx.log):
+            bases = tld.local_interaction_bases(ctx.model, data, sites, stats=stats, rtol=c.rtol, atol=c.atol,
+                                                n_probes=GRAPH_OPTIONS["lib_probes"], seed=c.seed)
+            graph = _pair_graph(ctx, data, bases, sites)
+        for site, basis in bases.items():
+            basis.save(progress.graph / f"{site}.local")
+        graph.save(progress.graph_result)
     target = ctx.target
     outputs = []
     for site, basis in bases.items():
@@ -746,7 +769,44 @@ def _run_graph(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
         modules = tld.find_modules(graph, eps=c.graph_eps, seed=c.seed)
         summary["modules"] = {"n_modules": modules.n_modules, "cost": modules.cost,
                               "modularity": modules.modularity, "eps": modules.eps}
+    pair = (sites[0], sites[1])
+    summary["edges_needed"] = {"pair": list(pair), "tolerance": c.ablate_tolerance, "loss": "kl", "kinds": {}}
+    for kind in EDGE_KINDS:
+        done = tensor_path(progress.edges_needed(kind))
+        if done.is_file() and done.with_suffix(".json").is_file():
+            ctx.log(f"graph: edges needed ({kind} basis, done before the interruption)")
+            needed = tld.EdgesNeeded.load(done)
+        else:
+            ctx.log(f"graph: edges needed on {pair[0]} -> {pair[1]} ({kind} basis)")
+            if kind == "local":
+                pair_bases, pair_graph = {s: bases[s] for s in pair}, graph
+            else:
+                pair_bases = _stats_bases(stats, pair, kind, c)
+                with _forward_warnings(ctx.log):
+                    pair_graph = _pair_graph(ctx, data, pair_bases, list(pair))
+            with _forward_warnings(ctx.log):
+                needed = tld.edges_needed(ctx.model, data, pair_bases, pair_graph, pair=pair,
+                                          tolerance=c.ablate_tolerance, loss="kl", progress=ctx.progress)
+            needed.save(progress.edges_needed(kind))
+        path = needed.save(target.edges_needed(kind))
+        outputs += [target.relative(path), target.relative(path.with_suffix(".json"))]
+        summary["edges_needed"]["kinds"][kind] = {"n_edges": needed.n_edges, "n_total": needed.n_total,
+                                                  "fraction": needed.fraction, "probes": len(needed.probed)}
     return outputs, summary
+
+
+def _pair_graph(ctx: RunContext, data: tld.TokenBatches, bases: dict[str, Any], sites: list[str]) -> Any:
+    return tld.interaction_graph(ctx.model, data, bases, sites, method=GRAPH_OPTIONS["method"],
+                                 n_points=GRAPH_OPTIONS["n_points"], estimator=GRAPH_OPTIONS["estimator"],
+                                 n_probes=GRAPH_OPTIONS["n_probes"], seed=ctx.config.seed)
+
+
+def _stats_bases(stats: tld.Stats, sites: tuple[str, str], kind: str, c: RunConfig) -> dict[str, Any]:
+    """The interaction or PCA bases of ``sites`` as the basis stage builds them (same tolerances)."""
+    if kind == "interaction":
+        return tld.interaction_bases(stats, sites=list(sites), center=True, rtol=c.rtol, atol=c.atol,
+                                     scaling="sqrt_lambda")
+    return {s: tld.pca_basis(stats.gram(s), mean=stats.mean(s), rtol=c.rtol) for s in sites}
 
 
 def _sync_settings(c: RunConfig) -> dict[str, Any]:
@@ -904,9 +964,9 @@ register(Stage("ablate", "ablation curves of the interaction and PCA bases per s
                requires=("ablation_curves", "directions_needed"), check=_check_ablate))
 
 
-register(Stage("graph", "local interaction basis and interaction graph of the residual stream (bundled model "
-               "by default)", _run_graph, _graph_settings, after=("stats",),
-               requires=("local_interaction_bases", "interaction_graph", "find_modules")))
+register(Stage("graph", "local interaction basis and interaction graph of the residual stream, edges needed per "
+               "basis (bundled model by default)", _run_graph, _graph_settings, after=("stats",),
+               requires=("local_interaction_bases", "interaction_graph", "find_modules", "edges_needed")))
 register(Stage("sync", "head and neuron synchronisation per layer", _run_sync, _sync_settings, after=("stats",),
                requires=("head_sync", "neuron_sync")))
 register(Stage("llc", "behavioral LLC of the whole model and of each layer, and an nβ sweep", _run_llc,

@@ -51,6 +51,7 @@ from tl_degeneracy.analysis.sync import HeadSync
 from tl_degeneracy.collection.ablation import AblationCurve
 from tl_degeneracy.errors import BadInputError
 from tl_degeneracy.llc import LLCResult, LLCScaleSweep
+from tl_degeneracy.methods.edge_ablation import EdgesNeeded
 from tl_degeneracy.run.layout import RunFolder
 from tl_degeneracy.sites import SITE_KINDS, site_kind, site_layer
 
@@ -96,6 +97,10 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "llc_std": "std over chains",
     "eps_hat": "ε̂",
     "llc_verdict": "LLC verdict",
+    "lib_edges_needed": "edges needed → next (local)",
+    "ib_edges_needed": "edges needed → next (interaction)",
+    "pca_edges_needed": "edges needed → next (PCA)",
+    "edges_total": "edges → next (all)",
 }
 
 _DPI = 110
@@ -122,6 +127,7 @@ class RunResults:
         stages: stage name -> the marker a finished stage left (settings, inputs, outputs, seconds).
         graph: the graph stage's :class:`~tl_degeneracy.InteractionGraph` (LIB coordinates), or None.
         ablation: site -> {basis kind -> :class:`~tl_degeneracy.AblationCurve`} (ablate stage).
+        edges_needed: basis kind -> :class:`~tl_degeneracy.EdgesNeeded` of the graph stage's first pair.
     """
 
     folder: Path
@@ -136,6 +142,7 @@ class RunResults:
     stages: dict[str, Any] = field(default_factory=dict)
     graph: InteractionGraph | None = None
     ablation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    edges_needed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ablation_tolerance(self) -> float | None:
@@ -195,6 +202,9 @@ def load_results(folder: str | os.PathLike) -> RunResults:
         res.pca[site] = InteractionBasis.load(path)
     if run.graph_result.is_file() and run.graph_result.with_suffix(".json").is_file():
         res.graph = InteractionGraph.load(run.graph_result)
+    for kind, path in run.saved_edges_needed().items():
+        if path.with_suffix(".json").is_file():
+            res.edges_needed[kind] = EdgesNeeded.load(path)
     for kind in ("interaction", "pca"):
         for site, path in run.saved_ablation_curves(kind).items():
             res.ablation.setdefault(site, {})[kind] = AblationCurve.load(path)
@@ -268,6 +278,7 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
         needed = {kind: directions_needed(curves[kind], tol) if kind in curves and tol is not None else None
                   for kind in ("interaction", "pca")}
         d = ib.input_dim if ib is not None else (pca.input_dim if pca is not None else None)
+        edges = {kind: e for kind, e in results.edges_needed.items() if e.pair[0] == site}
         rows.append({
             "layer": "final" if layer is None else layer,
             "site": site,
@@ -289,8 +300,29 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
             "llc_std": llc.llc_std if llc is not None else None,
             "eps_hat": llc.eps_hat if llc is not None else None,
             "llc_verdict": llc.verdict if llc is not None else None,
+            "lib_edges_needed": edges["local"].n_edges if "local" in edges else None,
+            "ib_edges_needed": edges["interaction"].n_edges if "interaction" in edges else None,
+            "pca_edges_needed": edges["pca"].n_edges if "pca" in edges else None,
+            "edges_total": "/".join(str(edges[k].n_total) for k in ("local", "interaction", "pca") if k in edges)
+            or None,
         })
     return rows
+
+
+def _edges_needed_paragraph(needed: Mapping[str, Any]) -> str:
+    """The graph section's sentence and table on the edges needed per basis (empty without results)."""
+    if not needed:
+        return ""
+    first = next(iter(needed.values()))
+    lines = ["", f"Edges needed on {first.pair[0]} → {first.pair[1]}: the fewest strongest edges whose keeping "
+             f"(every other edge removed by patching the next site's basis coordinates, removed sources at their "
+             f"mean) keeps the KL within {first.tolerance:g} of the unablated model, by bisection on "
+             f"{first.n_tokens} output positions (companion paper's sparsity measure: fewer is sparser).", "",
+             "| basis | dims | edges needed | of | fraction |", "|---|---|---|---|---|"]
+    for kind, e in needed.items():
+        dims = " → ".join(str(k) for k in e.meta["dims"]) if e.meta.get("dims") else "–"
+        lines.append(f"| {kind} | {dims} | {e.n_edges} | {e.n_total} | {e.fraction:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any) -> str:
@@ -910,6 +942,7 @@ def write_report(folder: str | os.PathLike) -> Path:
             + (f"Colours: {modules.n_modules} modules found at ε = {eps:g}, §5 cut cost {modules.cost:.3g} "
                "(Σ over cut edges of ½·log(E/ε))." if modules else
                "Modules are found with `--graph-eps EPS` (the §5 noise scale).") + "\n"
+            + _edges_needed_paragraph(res.edges_needed)
         )
     if res.llc_scale:
         _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
