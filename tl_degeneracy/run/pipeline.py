@@ -79,12 +79,33 @@ class RunConfig:
     file (``tld.bundled_data_path()``). ``layers`` ``None`` means every layer. ``llc_params`` are parameter
     selections (SPEC §5); ``{l}`` expands to every analysed layer.
 
-    The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
-    defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
-    and 40 steps, now 4 chains) were chosen on the bundled model, where the per-layer traces level off within
-    the burn-in; they give a quick, strongly localised estimate that the report's verdict marks "not converged"
-    (25 draws per chain cannot reach the ESS bound). They have not been re-chosen by ``tl-degeneracy
-    calibrate`` yet; for numbers to report, run it (or ``run --llc-calibrate``) and raise ``llc_steps``.
+    The non-LLC defaults are sized for a look at the bundled model on a laptop CPU in a few minutes.
+
+    The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc` on the bundled model and the data
+    this run samples (2048 tokens in batches of 4 × 128), so that its whole-model and per-layer estimates at
+    the base nβ are ``converged`` by the library's own verdict (grid and timings in benchmarks/RESULTS.md):
+
+    - **MALA acceptance ≥ 0.9 bounds step·γ.** The localization adds curvature γ to every one of the
+      ~1.09·10⁶ sampled parameters; SGLD's discretisation error on those directions alone gives a MALA
+      acceptance of ≈ 0.69 at step·γ = 0.03, 0.90 at 0.015 and 0.94 at 0.01 (a Gaussian with 10⁶
+      coordinates; measured on the model: 0.61 at step 6·10⁻⁶, γ = 5000). Hence step 2·10⁻⁶ at γ = 5000
+      (step·γ = 0.01, step·nβ = 0.02); the old default 2·10⁻⁵ had acceptance 0.65 and a λ̂ 30% above the
+      one at 6·10⁻⁶ (step-size bias).
+    - **γ = 5000, not weaker.** At γ = 1000 (step 6·10⁻⁶) the trace was still rising after 200 steps (R̂ 1.48,
+      ESS 8): the weakly curved directions relax in ~1/(step·γ) steps, so a weaker localization needs
+      proportionally longer chains.
+    - **Burn-in 300 of 500 steps.** With step·γ = 0.01 the trace rises towards its level with a time
+      constant of ≈ 1/(step·γ) ≈ 100 steps (≈ 36 steps measured at step·γ = 0.03), so 300 steps leave a
+      deficit of a few per cent; once there, successive draws are nearly independent (the batches change
+      every step), and 4 chains × 200 draws give a bulk ESS well above 50.
+    - **Batches of 4 sequences.** One sequence per step cost 2.4× less but heated the chains (λ̂ 1340 vs 800
+      at the old step), so 4 is the smallest batch kept.
+
+    Cost: ~3800 gradient evaluations for the default stage on the bundled model (7 estimates × (500 steps +
+    50 MALA checks), 4 chains batched); see benchmarks/RESULTS.md for the measured time. The nβ sweep's
+    estimates at nβ/3 and 3nβ keep γ and step·nβ fixed, which takes step·γ to 0.03 and 0.0033: at those the
+    verdict says "not converged" (acceptance at nβ/3, too short a burn-in at 3nβ). For another model, run
+    ``tl-degeneracy calibrate`` (or ``run --llc-calibrate``).
     """
 
     model: str | None = None
@@ -109,11 +130,11 @@ class RunConfig:
     llc_params: tuple[str, ...] = ("all", "blocks.{l}")
     llc_nbeta: float = 1e4
     llc_nbetas: tuple[float, ...] = ()
-    llc_step_size: float = 2e-5
+    llc_step_size: float = 2e-6
     llc_localization: float = 5000.0
     llc_chains: int = 4
-    llc_steps: int = 40
-    llc_burnin: int = 15
+    llc_steps: int = 500
+    llc_burnin: int = 300
     llc_n_tokens: int = 2048
     llc_batch_size: int = 4
     seed: int = 0
@@ -463,7 +484,7 @@ def _cost(name: str, c: RunConfig) -> str:
                 f"({batches * (1 + bwd)} passes)")
     if name == "llc":
         return (f"{c.llc_chains} chains × {c.llc_steps} steps per selection, 1 forward and 1 backward each, "
-                "plus the nβ sweep")
+                "plus the MALA checks and the nβ sweep")
     return "from saved files, no model passes"
 
 

@@ -925,7 +925,8 @@ def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
     if accept:
         text += (f" MALA acceptance {min(accept):.2f}–{max(accept):.2f} (≈0.9 or above is healthy; lower "
                  "means the step size is too large for an accurate λ̂).")
-    return text + " Short runs like the default give a quick look; raise `--llc-steps` for numbers to report."
+    return text + (" The verdict column says which estimates can be reported; for a model other than the bundled "
+                   "one (whose defaults were calibrated), choose the settings with `tl-degeneracy calibrate`.")
 
 
 def _jacobian_metric(res: RunResults) -> str:
