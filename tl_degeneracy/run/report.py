@@ -722,9 +722,11 @@ def plot_llc_scale(results: Any) -> Figure:
         frac = ax_n.secondary_yaxis("right", functions=(lambda v: v / n_params, lambda f: f * n_params))
         frac.set_ylabel("N_eff / N")
         y_axes.append(frac.yaxis)
-    if log_y:  # ticked at 1, 2, 5 × 10^k so that a range within one decade is labelled too
+    if log_y:  # a narrow range (a sweep without the N line) is ticked at 1, 2, 5 × 10^k, a wide one at 10^k
+        values = np.concatenate([n_eff, [n_params] if n_params else []])
+        subs = (1.0,) if np.log10(values.max() / values.min()) > 2 else (1.0, 2.0, 5.0)
         for axis in y_axes:
-            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_locator(LogLocator(subs=subs))
             axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
             axis.set_minor_formatter(NullFormatter())
     ax_n.set_title("effective parameter count N_eff(ε) (eq. 9)", fontsize=10)
