@@ -81,31 +81,31 @@ class RunConfig:
 
     The non-LLC defaults are sized for a look at the bundled model on a laptop CPU in a few minutes.
 
-    The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc` on the bundled model and the data
-    this run samples (2048 tokens in batches of 4 × 128), so that its whole-model and per-layer estimates at
-    the base nβ are ``converged`` by the library's own verdict (grid and timings in benchmarks/RESULTS.md):
+    The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc`'s cells on the bundled model and
+    the data this run samples (2048 tokens in batches of 4 × 128), so that its whole-model estimate at the
+    base nβ is ``converged`` by the library's own verdict (grid, traces and timings in benchmarks/RESULTS.md;
+    whole model at these defaults: λ̂ = 581 ± 3, MALA acceptance 0.91–0.96 per chain, R̂ 1.015, bulk ESS 1056):
 
-    - **MALA acceptance ≥ 0.9 bounds step·γ.** The localization adds curvature γ to every one of the
-      ~1.09·10⁶ sampled parameters; SGLD's discretisation error on those directions alone gives a MALA
-      acceptance of ≈ 0.69 at step·γ = 0.03, 0.90 at 0.015 and 0.94 at 0.01 (a Gaussian with 10⁶
-      coordinates; measured on the model: 0.61 at step 6·10⁻⁶, γ = 5000). Hence step 2·10⁻⁶ at γ = 5000
-      (step·γ = 0.01, step·nβ = 0.02); the old default 2·10⁻⁵ had acceptance 0.65 and a λ̂ 30% above the
-      one at 6·10⁻⁶ (step-size bias).
+    - **MALA acceptance ≥ 0.9 binds, through step·γ.** The localization gives each of the 1.09·10⁶ sampled
+      parameters curvature γ, and MALA's acceptance sees both SGLD's discretisation error on those directions
+      (grows with step·γ) and how far their spread still is from equilibrium (decays like e^(−step·γ·t)). On
+      the model at γ = 5000: step 2·10⁻⁵ (the old default) 0.65, 6·10⁻⁶ 0.61, 3·10⁻⁶ 0.25 (too slow to
+      equilibrate in a 50-step burn-in), 2·10⁻⁶ with 300 burn-in 0.93. The old default's λ̂ was also ~30%
+      above the one at 6·10⁻⁶ (step-size bias).
     - **γ = 5000, not weaker.** At γ = 1000 (step 6·10⁻⁶) the trace was still rising after 200 steps (R̂ 1.48,
-      ESS 8): the weakly curved directions relax in ~1/(step·γ) steps, so a weaker localization needs
+      ESS 8): the weakly curved directions equilibrate in ~1/(step·γ) steps, so a weaker localization needs
       proportionally longer chains.
-    - **Burn-in 300 of 500 steps.** With step·γ = 0.01 the trace rises towards its level with a time
-      constant of ≈ 1/(step·γ) ≈ 100 steps (≈ 36 steps measured at step·γ = 0.03), so 300 steps leave a
-      deficit of a few per cent; once there, successive draws are nearly independent (the batches change
-      every step), and 4 chains × 200 draws give a bulk ESS well above 50.
+    - **Burn-in 300 of 500 steps.** At step·γ = 0.01 the whole-model trace levels off after ~275 steps. Once
+      level, successive draws are nearly independent (the batch changes every step): 4 chains × 200 draws
+      gave a bulk ESS of 1056, far above 50, so the draws could be cut; the burn-in cannot.
     - **Batches of 4 sequences.** One sequence per step cost 2.4× less but heated the chains (λ̂ 1340 vs 800
       at the old step), so 4 is the smallest batch kept.
 
-    Cost: ~3800 gradient evaluations for the default stage on the bundled model (7 estimates × (500 steps +
-    50 MALA checks), 4 chains batched); see benchmarks/RESULTS.md for the measured time. The nβ sweep's
-    estimates at nβ/3 and 3nβ keep γ and step·nβ fixed, which takes step·γ to 0.03 and 0.0033: at those the
-    verdict says "not converged" (acceptance at nβ/3, too short a burn-in at 3nβ). For another model, run
-    ``tl-degeneracy calibrate`` (or ``run --llc-calibrate``).
+    Cost: 7 estimates × (500 steps + 50 MALA checks) × 4 chains batched ≈ 3850 gradient evaluations for the
+    default stage (was 455); see benchmarks/RESULTS.md for measured times. The nβ sweep's estimates at nβ/3
+    and 3nβ keep γ and step·nβ fixed, which takes step·γ to 0.03 and 0.0033, outside the calibrated region:
+    their verdict says "not converged" (acceptance at nβ/3, too short a burn-in at 3nβ). For another model,
+    run ``tl-degeneracy calibrate`` (or ``run --llc-calibrate``).
     """
 
     model: str | None = None
