@@ -84,7 +84,8 @@ class RunConfig:
     The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc`'s cells on the bundled model and
     the data this run samples (2048 tokens in batches of 4 × 128), so that its whole-model estimate at the
     base nβ is ``converged`` by the library's own verdict (grid, traces and timings in benchmarks/RESULTS.md;
-    whole model at these defaults: λ̂ = 581 ± 3, MALA acceptance 0.91–0.96 per chain, R̂ 1.015, bulk ESS 1056):
+    whole model at these defaults: λ̂ = 581.1 ± 1.3 (s.e.), MALA acceptance 0.91–0.96 per chain, R̂ 1.015, bulk
+    ESS 1056):
 
     - **MALA acceptance ≥ 0.9 binds, through step·γ.** The localization gives each of the 1.09·10⁶ sampled
       parameters curvature γ, and MALA's acceptance sees both SGLD's discretisation error on those directions
