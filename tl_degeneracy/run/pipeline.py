@@ -99,6 +99,9 @@ class RunConfig:
     - **Burn-in 300 of 500 steps.** At step·γ = 0.01 the whole-model trace levels off after ~275 steps. Once
       level, successive draws are nearly independent (the batch changes every step): 4 chains × 200 draws
       gave a bulk ESS of 1056, far above 50, so the draws could be cut; the burn-in cannot.
+    - **Not every layer converges.** blocks.0 and blocks.1 are ``converged`` too (R̂ 1.06, 1.09); blocks.2 and
+      blocks.3 are not (R̂ 1.15, 1.17: one chain stays ~10% above the others for all 200 draws, and 500 draws of
+      blocks.3 gave R̂ 1.18), a mode slower than any chain this run can afford; their verdicts say so.
     - **Batches of 4 sequences.** One sequence per step cost 2.4× less but heated the chains (λ̂ 1340 vs 800
       at the old step), so 4 is the smallest batch kept.
 
