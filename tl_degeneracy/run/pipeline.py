@@ -80,12 +80,37 @@ class RunConfig:
     file (``tld.bundled_data_path()``). ``layers`` ``None`` means every layer. ``llc_params`` are parameter
     selections (SPEC §5); ``{l}`` expands to every analysed layer.
 
-    The defaults are sized for a look at the bundled model on a laptop CPU in a few minutes. The SGLD
-    defaults (nβ = 10⁴, step 2·10⁻⁵, γ = 5000: step·γ = 0.1, so the localisation equilibrates in ~10 steps,
-    and 40 steps, now 4 chains) were chosen on the bundled model, where the per-layer traces level off within
-    the burn-in; they give a quick, strongly localised estimate that the report's verdict marks "not converged"
-    (25 draws per chain cannot reach the ESS bound). They have not been re-chosen by ``tl-degeneracy
-    calibrate`` yet; for numbers to report, run it (or ``run --llc-calibrate``) and raise ``llc_steps``.
+    The non-LLC defaults are sized for a look at the bundled model on a laptop CPU in a few minutes.
+
+    The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc`'s cells on the bundled model and
+    the data this run samples (2048 tokens in batches of 4 × 128), so that its whole-model estimate at the
+    base nβ is ``converged`` by the library's own verdict (grid, traces and timings in benchmarks/RESULTS.md;
+    whole model at these defaults: λ̂ = 581.1 ± 1.3 (s.e.), MALA acceptance 0.91–0.96 per chain, R̂ 1.015, bulk
+    ESS 1056):
+
+    - **MALA acceptance ≥ 0.9 binds, through step·γ.** The localization gives each of the 1.09·10⁶ sampled
+      parameters curvature γ, and MALA's acceptance sees both SGLD's discretisation error on those directions
+      (grows with step·γ) and how far their spread still is from equilibrium (decays like e^(−step·γ·t)). On
+      the model at γ = 5000: step 2·10⁻⁵ (the old default) 0.65, 6·10⁻⁶ 0.61, 3·10⁻⁶ 0.25 (too slow to
+      equilibrate in a 50-step burn-in), 2·10⁻⁶ with 300 burn-in 0.93. The old default's λ̂ was also ~30%
+      above the one at 6·10⁻⁶ (step-size bias).
+    - **γ = 5000, not weaker.** At γ = 1000 (step 6·10⁻⁶) the trace was still rising after 200 steps (R̂ 1.48,
+      ESS 8): the weakly curved directions equilibrate in ~1/(step·γ) steps, so a weaker localization needs
+      proportionally longer chains.
+    - **Burn-in 300 of 500 steps.** At step·γ = 0.01 the whole-model trace levels off after ~275 steps. Once
+      level, successive draws are nearly independent (the batch changes every step): 4 chains × 200 draws
+      gave a bulk ESS of 1056, far above 50, so the draws could be cut; the burn-in cannot.
+    - **Not every layer converges.** blocks.0 and blocks.1 are ``converged`` too (R̂ 1.06, 1.09); blocks.2 and
+      blocks.3 are not (R̂ 1.15, 1.17: one chain stays ~10% above the others for all 200 draws, and 500 draws of
+      blocks.3 gave R̂ 1.18), a mode slower than any chain this run can afford; their verdicts say so.
+    - **Batches of 4 sequences.** One sequence per step cost 2.4× less but heated the chains (λ̂ 1340 vs 800
+      at the old step), so 4 is the smallest batch kept.
+
+    Cost: 7 estimates × (500 steps + 50 MALA checks) × 4 chains batched ≈ 3850 gradient evaluations for the
+    default stage (was 455); see benchmarks/RESULTS.md for measured times. The nβ sweep's estimates at nβ/3
+    and 3nβ keep γ and step·nβ fixed, which takes step·γ to 0.03 and 0.0033, outside the calibrated region:
+    their verdict says "not converged" (acceptance at nβ/3, too short a burn-in at 3nβ). For another model,
+    run ``tl-degeneracy calibrate`` (or ``run --llc-calibrate``).
     """
 
     model: str | None = None
@@ -110,11 +135,11 @@ class RunConfig:
     llc_params: tuple[str, ...] = ("all", "blocks.{l}")
     llc_nbeta: float = 1e4
     llc_nbetas: tuple[float, ...] = ()
-    llc_step_size: float = 2e-5
+    llc_step_size: float = 2e-6
     llc_localization: float = 5000.0
     llc_chains: int = 4
-    llc_steps: int = 40
-    llc_burnin: int = 15
+    llc_steps: int = 500
+    llc_burnin: int = 300
     llc_n_tokens: int = 2048
     llc_batch_size: int = 4
     graph: bool | None = None
@@ -479,7 +504,7 @@ def _cost(name: str, c: RunConfig) -> str:
                 f"({batches * (1 + bwd)} passes)")
     if name == "llc":
         return (f"{c.llc_chains} chains × {c.llc_steps} steps per selection, 1 forward and 1 backward each, "
-                "plus the nβ sweep")
+                "plus the MALA checks and the nβ sweep")
     return "from saved files, no model passes"
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from tl_degeneracy._io import atomic_write, read_json, tensor_path
 from tl_degeneracy.analysis.ablation import directions_needed
@@ -782,39 +782,71 @@ def plot_llc_traces(results: Mapping[str, Any]) -> Figure:
 
 
 def plot_llc_scale(results: Any) -> Figure:
-    """λ̂(ε) and N_eff(ε) = 2λ̂(ε) (paper eq. 9) from LLC estimates at several nβ (an ``LLCScaleSweep``).
+    """The nβ sweep (an ``LLCScaleSweep``): λ̂ against the inverse temperature nβ the sampler was given (left),
+    and the effective parameter count N_eff(ε) = 2λ_B(ε) (paper §2.2.2, eq. 9) against the loss scale ε̂ each
+    estimate probed (right).
 
-    Each point is one nβ; its loss scale is ε̂ = λ̂/nβ, so larger nβ probes smaller ε. Error bars are the
-    standard errors of λ̂ (``LLCResult.llc_se``). The dashed line in the right panel is the number of sampled
-    parameters, the value N_eff would take if no direction were degenerate at that scale.
+    Each point is one nβ; its loss scale is ε̂ = λ̂/nβ, so larger nβ probes smaller ε. Error bars are standard
+    errors (``LLCResult.llc_se``): s.e.(λ̂) on the left; on the right 2·s.e.(λ̂) vertically and s.e.(λ̂)/nβ
+    horizontally (ε̂ is estimated too). The right panel is log–log, with the number of sampled parameters N
+    (dashed: the value N_eff would take if no direction were degenerate at that scale) and, on its right-hand
+    axis, the fraction N_eff/N. Estimates whose verdict is not ``converged`` are drawn hollow.
     """
     results = list(getattr(results, "results", results))  # an LLCScaleSweep or a sequence of LLCResult
     if not results:
         raise BadInputError("plot_llc_scale needs LLC results at one or more nβ")
     res = sorted(results, key=lambda r: r.nbeta)
+    nbeta = np.array([r.nbeta for r in res])
     eps = np.array([r.eps_hat for r in res])
     lam = np.array([r.llc_mean for r in res])
-    std = np.nan_to_num(np.array([r.llc_se for r in res]))
+    se = np.nan_to_num(np.array([r.llc_se for r in res]))
+    ok = np.array([r.converged for r in res])
     fig = Figure(figsize=(10, 3.8), dpi=_DPI, layout="constrained")
     ax_l, ax_n = fig.subplots(1, 2)
-    ax_l.errorbar(eps, lam, yerr=std, marker="o", capsize=3)
-    for r, x, y in zip(res, eps, lam, strict=True):
-        label = f"{r.nbeta:,.0f}" if r.nbeta >= 100 else f"{r.nbeta:.3g}"
-        ax_l.annotate(f"nβ={label}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax_l.set_title("behavioral LLC against the loss scale", fontsize=10)
-    ax_l.set_ylabel("λ̂_B(ε)")
-    ax_n.errorbar(eps, 2 * lam, yerr=2 * std, marker="o", color="C2", capsize=3, label="N_eff = 2λ̂")
+
+    def points(ax: Any, x: np.ndarray, y: np.ndarray, *, yerr: np.ndarray, xerr: np.ndarray | None,
+               color: str, label: str) -> None:
+        ax.errorbar(x, y, yerr=yerr, xerr=xerr, color=color, capsize=3, lw=1, ls="-", marker="none")
+        ax.plot(x[ok], y[ok], "o", color=color, label=label)
+        if not ok.all():
+            ax.plot(x[~ok], y[~ok], "o", mfc="white", color=color, label="not converged (see the verdicts)")
+
+    points(ax_l, nbeta, lam, yerr=se, xerr=None, color="C0", label="λ̂ ± s.e.")
+    for r, x, y in zip(res, nbeta, lam, strict=True):
+        ax_l.annotate(f"ε̂={r.eps_hat:.2g}", (x, y), textcoords="offset points", xytext=(-10, 6), fontsize=7)
+    ax_l.set_title("behavioral LLC against the inverse temperature", fontsize=10)
+    ax_l.set_xlabel("nβ")
+    ax_l.set_ylabel("λ̂_B")
+    ax_l.legend(fontsize=7)
+
+    n_eff = 2 * lam
+    points(ax_n, eps, n_eff, yerr=2 * se, xerr=se / nbeta, color="C2", label="N_eff = 2λ̂ ± 2 s.e.")
     n_params = res[0].diagnostics.get("n_sampled_entries")
+    log_y = bool(np.all(n_eff > 0))
+    if log_y:
+        ax_n.set_yscale("log")  # before the secondary axis, which takes the scale it finds
+    y_axes = [ax_n.yaxis]
     if n_params:
-        ax_n.axhline(n_params, color="0.4", ls="--", lw=1, label=f"sampled parameters ({n_params:,})")
-        ax_n.set_yscale("log")
-    ax_n.set_title("effective parameter count (eq. 9)", fontsize=10)
-    ax_n.set_ylabel("N_eff(ε)")
+        ax_n.axhline(n_params, color="0.4", ls="--", lw=1, label=f"sampled parameters N = {n_params:,}")
+        frac = ax_n.secondary_yaxis("right", functions=(lambda v: v / n_params, lambda f: f * n_params))
+        frac.set_ylabel("N_eff / N")
+        y_axes.append(frac.yaxis)
+    if log_y:  # a narrow range (a sweep without the N line) is ticked at 1, 2, 5 × 10^k, a wide one at 10^k
+        values = np.concatenate([n_eff, [n_params] if n_params else []])
+        subs = (1.0,) if np.log10(values.max() / values.min()) > 2 else (1.0, 2.0, 5.0)
+        for axis in y_axes:
+            axis.set_major_locator(LogLocator(subs=subs))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+            axis.set_minor_formatter(NullFormatter())
+    ax_n.set_title("effective parameter count N_eff(ε) (eq. 9)", fontsize=10)
+    ax_n.set_xlabel("loss scale ε̂ = λ̂/nβ")
+    ax_n.set_ylabel("N_eff(ε̂)")
     ax_n.legend(fontsize=7)
-    for ax in (ax_l, ax_n):
-        if np.all(eps > 0):
+    for ax, x in ((ax_l, nbeta), (ax_n, eps)):
+        if np.all(x > 0):  # log axis, ticked at the points themselves (a sweep spans a decade or two)
             ax.set_xscale("log")
-        ax.set_xlabel("loss scale ε̂ = λ̂/nβ")
+            ax.set_xticks(x, [f"{v:,.0f}" if v >= 100 else f"{v:.2g}" for v in x])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="major", alpha=0.3)
     return fig
 
@@ -948,10 +980,12 @@ def write_report(folder: str | os.PathLike) -> Path:
         _save(plot_llc_scale(res.llc_scale), run.plot("llc_scale"))
         sections.append(
             "![lambda and N_eff against epsilon](plots/llc_scale.png)\n\n"
-            "The same estimate at several inverse temperatures nβ, plotted against the loss scale ε̂ each one "
-            "probes: λ_B(ε) and the effective parameter count N_eff(ε) = 2λ_B(ε) (eq. 9). N_eff far below the "
-            "number of sampled parameters says most parameter directions do not change the behaviour at that "
-            "scale; N_eff grows as ε shrinks and finer behaviour counts.\n"
+            "The whole-model estimate at several inverse temperatures nβ. Left: λ̂ ± s.e. against nβ, each point "
+            "labelled with the loss scale ε̂ = λ̂/nβ it probes. Right: the effective parameter count "
+            "N_eff(ε) = 2λ_B(ε) (eq. 9) against ε̂, log–log, beside the number of sampled parameters N "
+            "(right-hand axis: N_eff/N). N_eff far below N says most parameter directions do not change the "
+            "behaviour at that scale; N_eff grows as ε shrinks and finer behaviour counts. Hollow points are "
+            "estimates whose verdict is not `converged`.\n"
         )
 
     missing = [name for name, have in (("interaction basis", res.bases), ("ablation curves", res.ablation),
@@ -1018,7 +1052,8 @@ def _llc_settings_sentence(results: Mapping[str, Any]) -> str:
     if accept:
         text += (f" MALA acceptance {min(accept):.2f}–{max(accept):.2f} (≈0.9 or above is healthy; lower "
                  "means the step size is too large for an accurate λ̂).")
-    return text + " Short runs like the default give a quick look; raise `--llc-steps` for numbers to report."
+    return text + (" The verdict column says which estimates can be reported; for a model other than the bundled "
+                   "one (whose defaults were calibrated), choose the settings with `tl-degeneracy calibrate`.")
 
 
 def _jacobian_metric(res: RunResults) -> str:
