@@ -353,6 +353,26 @@ class LLCScaleSweep:
         return cls([LLCResult.load(folder / f"run_{i:03d}") for i in range(n)])
 
 
+
+def sweep_steps(nbetas: Sequence[float], step_size: float | Sequence[float], *,
+                scale_step_size: bool) -> tuple[list[float], list[float]]:
+    """The nβ values of a sweep and each one's step size (checked): one ``step_size`` scaled as ε·nβ₀/nβ_i
+    (``scale_step_size``) or repeated, or one step size per nβ. Example: ``sweep_steps([1e2, 1e3], 1e-3,
+    scale_step_size=True)`` → ``([100.0, 1000.0], [0.001, 0.0001])``."""
+    nbetas = [float(nb) for nb in nbetas]
+    if not nbetas:
+        raise BadInputError("nbetas is empty")
+    if isinstance(step_size, (int, float)):
+        steps = [step_size * nbetas[0] / nb for nb in nbetas] if scale_step_size else [step_size] * len(nbetas)
+    else:
+        steps = [float(s) for s in step_size]
+        if len(steps) != len(nbetas):
+            raise BadInputError(f"{len(steps)} step sizes for {len(nbetas)} values of nbeta")
+    if any(not (s > 0 and math.isfinite(s)) for s in steps):
+        raise BadInputError(f"step sizes must be positive, got {steps}")
+    return nbetas, steps
+
+
 def llc_scale_sweep(
     model: Any,
     data: Iterable[Any],
@@ -375,17 +395,7 @@ def llc_scale_sweep(
                                     n_steps=400, n_burnin=100)
         for row in sweep.rows(): print(row["eps_hat"], row["n_eff"])
     """
-    nbetas = [float(nb) for nb in nbetas]
-    if not nbetas:
-        raise BadInputError("nbetas is empty")
-    if isinstance(step_size, (int, float)):
-        steps = [step_size * nbetas[0] / nb for nb in nbetas] if scale_step_size else [step_size] * len(nbetas)
-    else:
-        steps = [float(s) for s in step_size]
-        if len(steps) != len(nbetas):
-            raise BadInputError(f"{len(steps)} step sizes for {len(nbetas)} values of nbeta")
-    if any(not (s > 0 and math.isfinite(s)) for s in steps):
-        raise BadInputError(f"step sizes must be positive, got {steps}")
+    nbetas, steps = sweep_steps(nbetas, step_size, scale_step_size=scale_step_size)
     loss = options.pop("loss", "kl")
     cache_teacher = options.pop("cache_teacher", "auto")
     params = options.pop("params", "all")

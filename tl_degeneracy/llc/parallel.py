@@ -20,7 +20,6 @@ Example (``torchrun --nproc_per_node=2 script.py``)::
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError, TLDegeneracyError
-from tl_degeneracy.llc.behavioral import LLCScaleSweep, estimate_llc
+from tl_degeneracy.llc.behavioral import LLCScaleSweep, estimate_llc, sweep_steps
 from tl_degeneracy.llc.sgld import LLCResult, split_r_hat
 
 
@@ -179,17 +178,7 @@ def llc_scale_sweep_distributed(model: Any, data: Iterable[Any], *, nbetas: Sequ
         sweep = tld.llc_scale_sweep_distributed(model, data, nbetas=[1e2, 1e3, 1e4], step_size=1e-3,
                                                 localization=10.0, n_steps=400, n_burnin=100)
     """
-    nbetas = [float(nb) for nb in nbetas]
-    if not nbetas:
-        raise BadInputError("nbetas is empty")
-    if isinstance(step_size, (int, float)):
-        steps = [step_size * nbetas[0] / nb for nb in nbetas] if scale_step_size else [step_size] * len(nbetas)
-    else:
-        steps = [float(s) for s in step_size]
-        if len(steps) != len(nbetas):
-            raise BadInputError(f"{len(steps)} step sizes for {len(nbetas)} values of nbeta")
-    if any(not (s > 0 and math.isfinite(s)) for s in steps):
-        raise BadInputError(f"step sizes must be positive, got {steps}")
+    nbetas, steps = sweep_steps(nbetas, step_size, scale_step_size=scale_step_size)
     rank, _ = _rank_world()
 
     def one_run(i: int) -> Any:
