@@ -194,7 +194,16 @@ def train(
     max_steps: int = 100_000,
     log: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train from scratch; returns (TransformerLens-named weights, summary dict)."""
+    """Train from scratch; returns (TransformerLens-named weights, summary dict).
+
+    Stops at the first check (every ``check_every`` steps) whose held-out accuracy is at least
+    ``target_accuracy``, else after ``max_steps``; ``summary["reached_target"]`` says which.
+
+    Example::
+
+        w, summary = train(p=13, max_steps=20, check_every=10, log=False)
+        summary["steps"], w["blocks.0.attn.W_Q"].shape     # 20, torch.Size([4, 128, 32])
+    """
     cfg = model_config(p)
     tokens, labels = all_pairs(p)
     is_train = train_mask(p, frac_train=frac_train, split_seed=split_seed)
@@ -220,7 +229,7 @@ def train(
             tr_loss, tr_acc = evaluate(w, x_tr, y_tr)
             te_loss, te_acc = evaluate(w, x_te, y_te)
             for key, val in zip(curve, (step, tr_loss, te_loss, tr_acc, te_acc), strict=True):
-                curve[key].append(val if key == "step" else round(val, 6))
+                curve[key].append(val if key == "step" else float(f"{val:.6g}"))
             if log:
                 print(
                     f"step {step:6d}  train loss {tr_loss:.3e} acc {tr_acc:.4f}  "
