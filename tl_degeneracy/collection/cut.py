@@ -89,9 +89,10 @@ def activation(adapter: ModelAdapter, tokens: torch.Tensor, site: str) -> torch.
 
 def cut_forward(
     adapter: ModelAdapter, tokens: torch.Tensor, site_a: str, site_b: str,
-    replace: Callable[[torch.Tensor], torch.Tensor],
+    replace: Callable[[torch.Tensor], torch.Tensor], *, grad: bool = True,
 ) -> torch.Tensor:
-    """b computed from ``replace(a)`` at A (``a`` detached); the forward stops at B. Keeps the autograd graph."""
+    """b computed from ``replace(a)`` at A (``a`` detached); the forward stops at B. Keeps the autograd graph
+    (``grad=False``: builds none, for passes that only read b)."""
     box: dict[str, torch.Tensor] = {}
 
     def cut(act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -101,7 +102,7 @@ def cut_forward(
         box["b"] = act
         raise _Stop
 
-    with adapter.hooks(fwd_hooks=[(site_a, cut), (site_b, grab)]), torch.enable_grad():
+    with adapter.hooks(fwd_hooks=[(site_a, cut), (site_b, grab)]), torch.set_grad_enabled(grad):
         try:
             adapter.forward(tokens)
         except _Stop:

@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_degeneracy.adapter import ModelAdapter
-from tl_degeneracy.collection.cut import _Stop
+from tl_degeneracy.collection.cut import _Stop, cut_forward
 from tl_degeneracy.collection.engine import flatten_site
 from tl_degeneracy.data import TokenBatch
 from tl_degeneracy.errors import BadInputError
@@ -82,23 +82,7 @@ def _both(adapter: ModelAdapter, tokens: Tensor, site_a: str, site_b: str) -> tu
 
 def _replaced(adapter: ModelAdapter, tokens: Tensor, site_a: str, site_b: str, a_new: Tensor) -> Tensor:
     """B's activation (detached) with A's activation replaced by ``a_new``; the forward stops at B."""
-    box: dict[str, Tensor] = {}
-
-    def put(act: Tensor, hook: Any) -> Tensor:
-        return a_new
-
-    def grab(act: Tensor, hook: Any) -> None:
-        box["b"] = act.detach()
-        raise _Stop
-
-    with adapter.hooks(fwd_hooks=[(site_a, put), (site_b, grab)]), torch.no_grad():
-        try:
-            adapter.forward(tokens)
-        except _Stop:
-            pass
-    if "b" not in box:
-        raise RuntimeError(f"the forward pass did not reach '{site_b}' after '{site_a}'")
-    return box["b"]
+    return cut_forward(adapter, tokens, site_a, site_b, lambda _a: a_new, grad=False).detach()
 
 
 def patched_activation(
