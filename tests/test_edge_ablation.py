@@ -281,7 +281,7 @@ def test_results_round_trip(tmp_path):
     assert (back.n_edges, back.probed, back.tolerance, back.fraction) == (needed.n_edges, needed.probed, 1e-3,
                                                                           needed.n_edges / 4)
     assert torch.equal(back.loss, needed.loss)
-    with pytest.raises(tld.BadInputError, match="not a EdgesNeeded"):
+    with pytest.raises(tld.BadInputError, match="not an EdgesNeeded"):
         tld.EdgesNeeded.load(tmp_path / "curve")
 
 

@@ -226,3 +226,30 @@ def verify_tensor_file(path: str | os.PathLike) -> str | None:
     except BadInputError as err:
         return str(err)
     return None
+
+
+def save_result(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict[str, Any], *, fmt: str,
+                version: int, nan_to_null: bool = False) -> Path:
+    """A result as ``<path>.safetensors`` (its tensors) and ``<path>.json`` (``{"format": fmt, "version":
+    version, **info}``), both atomic; :func:`load_result` reads it back. Returns the tensor file's path."""
+    t_path = tensor_path(path)
+    save_tensors(t_path, tensors, sidecar=False)
+    write_json(t_path.with_suffix(".json"), {"format": fmt, "version": version, **info}, indent=2,
+               nan_to_null=nan_to_null)
+    return t_path
+
+
+def load_result(path: str | os.PathLike, *, fmt: str, version: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON of a result written by :func:`save_result` with the same ``fmt`` and ``version``
+    (else :class:`BadInputError` naming the file)."""
+    name = fmt.split(".")[-1]
+    t_path = tensor_path(path)
+    json_path = t_path.with_suffix(".json")
+    if not t_path.exists() or not json_path.exists():
+        raise BadInputError(f"expected {t_path} and {json_path}, written by {name}.save")
+    info = read_json(json_path)
+    if info.get("format") != fmt or info.get("version") != version:
+        raise BadInputError(f"{json_path} is not a{'n' if name[0] in 'AEIOU' else ''} {name} file of version {version}")
+    tensors, _ = load_tensors(t_path, what=f"{name} tensor file")
+    return tensors, info
+

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
+from tl_degeneracy._io import load_result, save_result
 from tl_degeneracy.errors import BadInputError, NonFiniteError
 
 __all__ = ["InteractionGraph", "Modules", "edge_cost", "find_modules"]
@@ -133,28 +133,17 @@ class InteractionGraph:
 
     def save(self, path: str | Path) -> Path:
         """``<path>.safetensors`` (edges, lambdas) + ``<path>.json`` (sites, meta); no pickle."""
-        t_path = tensor_path(path)
         tensors = {f"edges/{i}": self.edges[(a, b)] for i, (a, b) in enumerate(zip(self.sites, self.sites[1:],
                                                                                     strict=False))}
         if self.lambdas is not None:
             tensors.update({f"lambdas/{i}": self.lambdas[s] for i, s in enumerate(self.sites)})
-        save_tensors(t_path, tensors, sidecar=False)
-        write_json(t_path.with_suffix(".json"), {"format": _FORMAT, "version": _FORMAT_VERSION,
-                                                 "sites": self.sites, "has_lambdas": self.lambdas is not None,
-                                                 "meta": self.meta}, indent=2)
-        return t_path
+        info = {"sites": self.sites, "has_lambdas": self.lambdas is not None, "meta": self.meta}
+        return save_result(path, tensors, info, fmt=_FORMAT, version=_FORMAT_VERSION, nan_to_null=True)
 
     @classmethod
     def load(cls, path: str | Path) -> InteractionGraph:
         """Read a graph written by :meth:`save`."""
-        t_path = tensor_path(path)
-        json_path = t_path.with_suffix(".json")
-        if not t_path.exists() or not json_path.exists():
-            raise BadInputError(f"expected {t_path} and {json_path}, written by InteractionGraph.save")
-        info = read_json(json_path)
-        if info.get("format") != _FORMAT or info.get("version") != _FORMAT_VERSION:
-            raise BadInputError(f"{json_path} is not an InteractionGraph file of version {_FORMAT_VERSION}")
-        tensors, _ = load_tensors(t_path, what="InteractionGraph tensor file")
+        tensors, info = load_result(path, fmt=_FORMAT, version=_FORMAT_VERSION)
         sites = info["sites"]
         edges = {(a, b): tensors[f"edges/{i}"] for i, (a, b) in enumerate(zip(sites, sites[1:], strict=False))}
         lambdas = {s: tensors[f"lambdas/{i}"] for i, s in enumerate(sites)} if info["has_lambdas"] else None

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
+from tl_degeneracy._io import load_result, save_result
 from tl_degeneracy.adapter import ModelAdapter, as_adapter
 from tl_degeneracy.collection.distributed import context, shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls
@@ -229,28 +229,17 @@ class AblationCurve:
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (loss, predicted) and ``<path>.json`` (the rest); no pickle."""
-        t_path = tensor_path(path)
         tensors = {"loss": self.loss}
         if self.predicted is not None:
             tensors["predicted"] = self.predicted
-        save_tensors(t_path, tensors, sidecar=False)
-        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "site": self.site, "kind": self.kind,
-                "keep": list(self.keep), "loss_kind": self.loss_kind, "baseline": self.baseline,
-                "n_tokens": self.n_tokens, "dim": self.dim, "meta": self.meta}
-        write_json(t_path.with_suffix(".json"), meta, indent=2, nan_to_null=False)
-        return t_path
+        info = {"site": self.site, "kind": self.kind, "keep": list(self.keep), "loss_kind": self.loss_kind,
+                "baseline": self.baseline, "n_tokens": self.n_tokens, "dim": self.dim, "meta": self.meta}
+        return save_result(path, tensors, info, fmt=_FORMAT, version=_FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> AblationCurve:
         """Read a curve written by :meth:`save` (bit for bit)."""
-        t_path = tensor_path(path)
-        json_path = t_path.with_suffix(".json")
-        if not t_path.exists() or not json_path.exists():
-            raise BadInputError(f"expected {t_path} and {json_path}, written by AblationCurve.save")
-        meta = read_json(json_path)
-        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-            raise BadInputError(f"{json_path} is not an AblationCurve file of version {_FORMAT_VERSION}")
-        tensors, _ = load_tensors(t_path, what="AblationCurve tensor file")
+        tensors, meta = load_result(path, fmt=_FORMAT, version=_FORMAT_VERSION)
         return cls(site=meta["site"], kind=meta["kind"], keep=[int(k) for k in meta["keep"]],
                    loss=tensors["loss"], loss_kind=meta["loss_kind"], predicted=tensors.get("predicted"),
                    baseline=meta["baseline"], n_tokens=int(meta["n_tokens"]), dim=int(meta["dim"]),

@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degeneracy._io import load_tensors, read_json, save_tensors, tensor_path, write_json
+from tl_degeneracy._io import load_result, save_result
 from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.analysis.ablation import LOSSES, check_keep
 from tl_degeneracy.analysis.graph import InteractionGraph
@@ -267,20 +267,8 @@ def _kind(bases: Mapping[str, Any], site: str) -> str:
 
 
 def _save(path: str | Path, tensors: dict[str, Tensor], fmt: str, info: dict[str, Any]) -> Path:
-    t_path = tensor_path(path)
-    save_tensors(t_path, tensors, sidecar=False)
-    write_json(t_path.with_suffix(".json"), {"format": fmt, "version": _VERSION, **info}, indent=2,
-               nan_to_null=False)
-    return t_path
+    return save_result(path, tensors, info, fmt=fmt, version=_VERSION)
 
 
 def _load(path: str | Path, fmt: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    t_path = tensor_path(path)
-    json_path = t_path.with_suffix(".json")
-    if not t_path.exists() or not json_path.exists():
-        raise BadInputError(f"expected {t_path} and {json_path}, written by {fmt.split('.')[-1]}.save")
-    info = read_json(json_path)
-    if info.get("format") != fmt or info.get("version") != _VERSION:
-        raise BadInputError(f"{json_path} is not a {fmt.split('.')[-1]} file of version {_VERSION}")
-    tensors, _ = load_tensors(t_path, what=f"{fmt.split('.')[-1]} tensor file")
-    return tensors, info
+    return load_result(path, fmt=fmt, version=_VERSION)
