@@ -27,6 +27,7 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tl_degeneracy as tld
+    from tl_degeneracy._io import tensors_checksum
     from tl_degeneracy.run import pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,6 +44,15 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         print(f"weights_fingerprint: {n_params / 1e6:.1f} M parameters on {args.device}: {min(times):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in times)}) {fp[:19]}...")
+        params = dict(model.named_parameters())
+        for algorithm in ("sha256", "xxh3_128"):  # side by side, same bytes
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                tensors_checksum(params, algorithm=algorithm)
+                times.append(time.perf_counter() - t0)
+            print(f"tensors_checksum(algorithm={algorithm!r}) of the same weights: {min(times):.2f} s "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
         times = []
         for _ in range(args.repeats):
             pipeline._hash_files.cache_clear()

@@ -10,11 +10,18 @@ interleaved repeats (every repeat times every row once, in the same order), the 
   d_mlp × d_mlp products per token and layer, ECOSYSTEM §5) and the achieved GFLOP/s;
 - ``forward+backward (weights)``: forward, a scalar loss and a backward into every weight (the floor of an
   SGLD step);
-- ``LLC step``: ``estimate_llc`` (KL, all weights, one chain) per step, from the difference of a run of
-  ``2 s`` and one of ``s`` steps (so the per-call setup, the teacher cache and the first-step allocations
-  cancel).
+- ``LLC step``: ``estimate_llc`` (KL, all weights, ``--llc-chains`` chains, no MALA checks) per step, from the
+  difference of a run of ``2 s`` and one of ``s`` steps (so the per-call setup, the teacher cache and the
+  first-step allocations cancel), against chains × the forward+backward floor;
+- ``MALA check``: the same ``2 s`` steps with a MALA check after every step (``mala_every=1``); the difference
+  per step is the cost of one check (one more gradient evaluation at the proposal). A default estimate checks
+  50 of its post-burn-in steps (``mala_every="auto"``), so this is counted separately from the step.
+
+``--llc-model bundled`` measures the LLC rows on the bundled model at the default run's batches (4 × 128 tokens)
+instead of the GPT-2-small shape: the setting of the issue's "182 ms per step against a 133 ms floor".
 
     python benchmarks/bench_floors.py --n-layer 2 --rows 8 --seq-len 128 --llc-rows 2 --repeats 3 --threads 1
+    python benchmarks/bench_floors.py --llc-model bundled --llc-rows 4 --llc-chains 4 --llc-steps 10 --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--llc-rows", type=int, default=2, help="sequences per LLC batch")
     p.add_argument("--llc-steps", type=int, default=2, help="s: the LLC rows run s and 2s steps")
+    p.add_argument("--llc-chains", type=int, default=1)
+    p.add_argument("--llc-model", choices=["gpt2-shape", "bundled"], default="gpt2-shape",
+                   help="the model of the LLC rows (the sync rows always use the GPT-2-small shape)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(HERE / "results.jsonl"))
@@ -55,11 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape.d_vocab, (args.rows, args.seq_len), generator=gen)
     data = tld.token_batches(model, tokens, seq_len=args.seq_len, batch_size=args.rows)
-    llc_tokens = torch.randint(0, shape.d_vocab, (args.llc_rows, args.seq_len), generator=gen)
-    llc_data = tld.token_batches(model, llc_tokens, seq_len=args.seq_len, batch_size=args.llc_rows)
+    llc_model = model if args.llc_model == "gpt2-shape" else tld.load_model(str(tld.bundled_model_path()),
+                                                                            device=args.device)
+    llc_adapter = as_adapter(llc_model)
+    llc_tokens = torch.randint(0, llc_adapter.d_vocab, (args.llc_rows, args.seq_len), generator=gen)
+    llc_data = tld.token_batches(llc_model, llc_tokens, seq_len=args.seq_len, batch_size=args.llc_rows)
     site = f"blocks.{shape.n_layers - 1}.hook_resid_pre"
     sync_kw = dict(sites=[site], memory_budget=None, progress=False)
-    llc_kw = dict(nbeta=1000.0, step_size=1e-6, localization=100.0, n_chains=1, progress=False)
+    llc_kw = dict(nbeta=1000.0, step_size=1e-6, localization=100.0, n_chains=args.llc_chains, progress=False)
     dev = torch.device(args.device)
 
     def sync() -> None:
@@ -71,14 +84,14 @@ def main(argv: list[str] | None = None) -> None:
             adapter.forward(tokens.to(dev))
 
     def forward_backward_weights() -> None:
-        model.zero_grad(set_to_none=True)
-        with adapter.eval_mode():
-            logits = adapter.forward(llc_tokens.to(dev))
+        llc_model.zero_grad(set_to_none=True)
+        with llc_adapter.eval_mode():
+            logits = llc_adapter.forward(llc_tokens.to(dev))
             logits.float().logsumexp(-1).mean().backward()
-        model.zero_grad(set_to_none=True)
+        llc_model.zero_grad(set_to_none=True)
 
-    def llc(steps: int) -> None:
-        estimate_llc(model, llc_data, n_steps=steps, n_burnin=0, **llc_kw)
+    def llc(steps: int, mala_every: int = 0) -> None:
+        estimate_llc(llc_model, llc_data, n_steps=steps, n_burnin=0, mala_every=mala_every, **llc_kw)
 
     rows = {
         "forward": forward,
@@ -87,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         "forward+backward (weights)": forward_backward_weights,
         "LLC s steps": lambda: llc(args.llc_steps),
         "LLC 2s steps": lambda: llc(2 * args.llc_steps),
+        "LLC 2s steps, MALA check every step": lambda: llc(2 * args.llc_steps, mala_every=1),
     }
     for fn in rows.values():  # warm-up
         fn()
@@ -104,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     n_products = 2 if shape.act_fn == "relu" else 3
     sync_flops = n_products * 2 * (shape.d_mlp or 0) ** 2 * n_tok * shape.n_layers
     step_s = (med["LLC 2s steps"] - med["LLC s steps"]) / args.llc_steps
-    fb = med["forward+backward (weights)"]
+    mala_s = (med["LLC 2s steps, MALA check every step"] - med["LLC 2s steps"]) / (2 * args.llc_steps)
+    fb = med["forward+backward (weights)"] * args.llc_chains
     print(f"device: {device_name(args.device)}; GPT-2-small-shaped, {shape.n_layers} layers; collect rows "
           f"{args.rows} x {args.seq_len} ({n_tok} counted tokens); LLC batches {args.llc_rows} x {args.seq_len}; "
           f"{args.repeats} interleaved repeats (median)")
@@ -115,12 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nneuron sync: {sync_s:.3f} s for {shape.n_layers} layers = {sync_s / med['forward']:.2f} x the forward "
           f"of the same tokens; {sync_flops / 1e9:.1f} GFLOP in {n_products} d_mlp^2 products per token and layer, "
           f"{sync_flops / max(sync_s, 1e-9) / 1e9:.1f} GFLOP/s achieved")
-    print(f"LLC: {step_s:.3f} s per step = {step_s / fb:.2f} x its floor (forward + backward into the weights, "
-          f"{fb:.3f} s)")
+    print(f"LLC ({args.llc_model}, {args.llc_chains} chain(s), batches {args.llc_rows} x {args.seq_len}): "
+          f"{step_s:.3f} s per step = {step_s / fb:.2f} x its floor (chains x forward + backward into the weights, "
+          f"{fb:.3f} s); one MALA check {mala_s:.3f} s = {mala_s / fb:.2f} x the floor")
     record(Path(args.out), dict(bench="floors", device=device_name(args.device), n_layers=shape.n_layers,
                                 tokens=n_tok, times=times, neuron_sync_s=sync_s,
                                 neuron_sync_over_forward=sync_s / med["forward"], llc_step_s=step_s,
-                                llc_step_over_floor=step_s / fb, command=" ".join(sys.argv)))
+                                llc_step_over_floor=step_s / fb, llc_mala_check_s=mala_s, llc_model=args.llc_model,
+                                llc_chains=args.llc_chains, command=" ".join(sys.argv)))
 
 
 if __name__ == "__main__":

@@ -317,3 +317,19 @@ def test_first_chain_runs_the_same_chains_as_a_larger_run():
     assert torch.equal(tail.loss_trace, three.loss_trace[1:])
     with pytest.raises(tld.BadInputError, match="first_chain"):
         tld.estimate_llc(model, data, n_chains=1, first_chain=-1, **kw)
+
+
+def test_sweep_scales_the_localization_with_nbeta_so_step_times_gamma_stays_fixed(model, data):
+    from tl_degeneracy.llc.behavioral import sweep_localizations
+
+    assert sweep_localizations([1e3, 3e3], 100.0, scale_localization=True) == [100.0, 300.0]
+    assert sweep_localizations([1e3, 3e3], 100.0, scale_localization=False) == [100.0, 100.0]
+    sweep = llc_scale_sweep(model, data, nbetas=[200.0, 600.0], step_size=3e-4, localization=50.0,
+                            params="blocks.0.mlp", n_steps=6, n_burnin=2, n_chains=1, progress=False)
+    rows = sweep.rows()
+    assert [r["localization"] for r in rows] == pytest.approx([50.0, 150.0])
+    assert [r["step_size"] * r["localization"] for r in rows] == pytest.approx([3e-4 * 50.0] * 2)
+    fixed = llc_scale_sweep(model, data, nbetas=[200.0, 600.0], step_size=3e-4, localization=50.0,
+                            scale_localization=False, params="blocks.0.mlp", n_steps=6, n_burnin=2, n_chains=1,
+                            progress=False)
+    assert [r["localization"] for r in fixed.rows()] == [50.0, 50.0]

@@ -80,6 +80,10 @@ def test_llc_stage_samples_the_whole_model_at_the_base_nbeta_once(tiny_gpt2_path
     whole = tld.LLCResult.load(out / "llc" / "all")
     assert [r.nbeta for r in sweep.results] == [3000.0, 10000.0]
     assert torch.equal(sweep.results[1].loss_trace, whole.loss_trace)
+    # the sweep's other nβ keeps step·nβ and step·γ of the base estimate (γ scaled with nβ)
+    base, other = whole.settings, sweep.results[0].settings
+    assert other["localization"] == pytest.approx(base["localization"] * 3000.0 / 10000.0)
+    assert other["step_size"] * 3000.0 == pytest.approx(base["step_size"] * 10000.0)
     # an LLC-only run's report states the whole-model λ̂ ± s.e. and its verdict; the command lists what failed
     index = (out / "index.md").read_text()
     assert f"λ̂ = {whole.llc_mean:.4g} ± {whole.llc_se:.2g} (s.e.)" in index and whole.verdict in index

@@ -118,7 +118,7 @@ def test_stats_record_weight_and_data_fingerprints_and_merge_refuses_other_weigh
     model = make_tiny_model()
     data = tld.token_batches(model, random_tokens(2, 8), batch_size=2)
     a = tld.collect(model, data, sites=[SITE], progress=False)
-    assert a.meta["model"]["weights"].startswith("sha256:")
+    assert a.meta["model"]["weights"].startswith("xxh3_128:")
     assert a.meta["data"]["fingerprint"].startswith("sha256:")
     with torch.no_grad():
         next(iter(model.parameters())).add_(1e-3)

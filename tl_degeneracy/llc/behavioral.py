@@ -40,7 +40,7 @@ LossKind = Literal["kl", "mse", "ce"]
 
 #: the options of estimate_llc that llc_scale_sweep hands to each run
 _SWEEP_OPTIONS = frozenset({
-    "localization", "n_steps", "n_burnin", "n_chains", "seed", "sampler", "rmsprop_alpha", "rmsprop_eps",
+    "n_steps", "n_burnin", "n_chains", "seed", "sampler", "rmsprop_alpha", "rmsprop_eps",
     "on_divergence", "divergence_threshold", "vectorize", "mala_every", "progress",
 })
 
@@ -319,11 +319,14 @@ class LLCScaleSweep:
         return torch.tensor([r.n_eff for r in self.results], dtype=torch.float64)
 
     def rows(self) -> list[dict[str, float]]:
-        """One dict per run: nbeta, step_size, llc, llc_std, eps_hat, n_eff."""
+        """One dict per run: nbeta, step_size, localization, llc, llc_se, llc_std, eps_hat, n_eff, verdict."""
         return [
             {
                 "nbeta": r.nbeta,
                 "step_size": float(r.settings["step_size"]),
+                "localization": float(r.settings.get("localization", float("nan"))),
+                "llc_se": r.llc_se,
+                "verdict": r.verdict,
                 "llc": r.llc_mean,
                 "llc_std": r.llc_std,
                 "eps_hat": r.eps_hat,
@@ -373,29 +376,51 @@ def sweep_steps(nbetas: Sequence[float], step_size: float | Sequence[float], *,
     return nbetas, steps
 
 
+def sweep_localizations(nbetas: Sequence[float], localization: float, *, scale_localization: bool) -> list[float]:
+    """Each sweep run's localization γ_i: γ·nβ_i/nβ₀ (``scale_localization``), or γ for every run.
+
+    Scaling γ with nβ keeps the localization a fixed term γ/(2nβ)·‖w − w*‖² of the loss, so every run samples
+    exp(−nβ_i·(L + γ/(2nβ₀)‖w − w*‖²)): the same localized loss at another temperature. With the step scaled as
+    ε·nβ₀/nβ_i both ε·nβ_i and ε·γ_i stay fixed, so every run has the base run's MALA acceptance and
+    equilibration time (≈ 1/(ε·γ) steps) and the same burn-in serves all. Example:
+    ``sweep_localizations([1e3, 3e3], 100.0, scale_localization=True)`` → ``[100.0, 300.0]``.
+    """
+    if not (localization >= 0 and math.isfinite(localization)):
+        raise BadInputError(f"localization must be >= 0, got {localization}")
+    nbetas = [float(nb) for nb in nbetas]
+    return [localization * nb / nbetas[0] for nb in nbetas] if scale_localization else [float(localization)] * len(nbetas)
+
+
 def llc_scale_sweep(
     model: Any,
     data: Iterable[Any],
     *,
     nbetas: Sequence[float],
     step_size: float | Sequence[float],
+    localization: float,
     scale_step_size: bool = True,
+    scale_localization: bool = True,
     **options: Any,
 ) -> LLCScaleSweep:
     """:func:`estimate_llc` at several nβ: λ_B against the measured loss scale ε̂ (paper §2.2.2, eq. 8–9).
 
-    Each run reports ε̂ = λ̂/nβ (the mean sampled behavioral loss) and N_eff(ε̂) = 2λ̂. With one
-    ``step_size`` and ``scale_step_size=True`` the step is ε·nβ₀/nβ for the i-th nβ (nβ₀ = ``nbetas[0]``),
-    keeping ε·nβ·h — what decides the stability of SGLD on curvature h — fixed; a sequence gives each run
-    its own step size. ``options`` go to :func:`estimate_llc` (loss, params, localization, n_steps, ...).
+    Each run reports ε̂ = λ̂/nβ (the mean sampled behavioral loss) and N_eff(ε̂) = 2λ̂. ``step_size`` and
+    ``localization`` are the settings of the first nβ (nβ₀ = ``nbetas[0]``). With ``scale_step_size`` the i-th run's
+    step is ε·nβ₀/nβ_i, keeping ε·nβ·h — what decides the stability of SGLD on curvature h — fixed (a sequence
+    gives each run its own step size); with ``scale_localization`` its localization is γ·nβ_i/nβ₀
+    (:func:`sweep_localizations`), keeping ε·γ and so the acceptance and equilibration time of every run those of
+    the first: a sweep calibrated at one nβ (:func:`~tl_degeneracy.calibrate_llc`) stays calibrated at the others.
+    With a fixed γ instead, the large-nβ runs equilibrate ∝ nβ more slowly and the small-nβ runs lose MALA
+    acceptance. ``options`` go to :func:`estimate_llc` (loss, params, n_steps, ...).
 
     Example::
 
         sweep = tld.llc_scale_sweep(model, data, nbetas=[1e2, 1e3, 1e4], step_size=1e-3, localization=10.0,
                                     n_steps=400, n_burnin=100)
-        for row in sweep.rows(): print(row["eps_hat"], row["n_eff"])
+        for row in sweep.rows(): print(row["eps_hat"], row["n_eff"], row["verdict"])
     """
     nbetas, steps = sweep_steps(nbetas, step_size, scale_step_size=scale_step_size)
+    gammas = sweep_localizations(nbetas, localization, scale_localization=scale_localization)
     loss = options.pop("loss", "kl")
     cache_teacher = options.pop("cache_teacher", "auto")
     params = options.pop("params", "all")
@@ -403,6 +428,5 @@ def llc_scale_sweep(
     if unknown:
         raise BadInputError(f"unknown option(s) {unknown} for estimate_llc")
     with _session(model, data, loss, cache_teacher) as run:  # masks, functional model, teacher cache: once
-        return LLCScaleSweep(
-            [run(params, nbeta=nb, step_size=s, **options) for nb, s in zip(nbetas, steps, strict=True)]
-        )
+        return LLCScaleSweep([run(params, nbeta=nb, step_size=s, localization=g, **options)
+                              for nb, s, g in zip(nbetas, steps, gammas, strict=True)])

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tl_degeneracy.errors import BadInputError, SamplerDivergedError, TLDegeneracyError
-from tl_degeneracy.llc.behavioral import LLCScaleSweep, estimate_llc, sweep_steps
+from tl_degeneracy.llc.behavioral import LLCScaleSweep, estimate_llc, sweep_localizations, sweep_steps
 from tl_degeneracy.llc.sgld import LLCResult, split_r_hat
 
 
@@ -165,13 +165,14 @@ def _combine(chains: list[Any], *, seed: int, world: int, wall: float) -> LLCRes
 
 
 def llc_scale_sweep_distributed(model: Any, data: Iterable[Any], *, nbetas: Sequence[float],
-                                step_size: float | Sequence[float], scale_step_size: bool = True,
-                                progress: bool = True, **options: Any) -> LLCScaleSweep:
+                                step_size: float | Sequence[float], localization: float, scale_step_size: bool = True,
+                                scale_localization: bool = True, progress: bool = True,
+                                **options: Any) -> LLCScaleSweep:
     """:func:`~tl_degeneracy.llc_scale_sweep` with its nβ values spread over the ranks (run i on rank i mod W).
 
-    Each run is exactly ``estimate_llc(model, data, nbeta=nβ_i, step_size=ε_i, **options)`` (step sizes as in
-    :func:`~tl_degeneracy.llc_scale_sweep`: ε·nβ₀/nβ_i by default), so the sweep equals the single-process
-    one; the results are gathered on every rank.
+    Each run is exactly ``estimate_llc(model, data, nbeta=nβ_i, step_size=ε_i, localization=γ_i, **options)``
+    (step sizes and localizations as in :func:`~tl_degeneracy.llc_scale_sweep`: ε·nβ₀/nβ_i and γ·nβ_i/nβ₀ by
+    default), so the sweep equals the single-process one; the results are gathered on every rank.
 
     Example::
 
@@ -179,11 +180,12 @@ def llc_scale_sweep_distributed(model: Any, data: Iterable[Any], *, nbetas: Sequ
                                                 localization=10.0, n_steps=400, n_burnin=100)
     """
     nbetas, steps = sweep_steps(nbetas, step_size, scale_step_size=scale_step_size)
+    gammas = sweep_localizations(nbetas, localization, scale_localization=scale_localization)
     rank, _ = _rank_world()
 
     def one_run(i: int) -> Any:
-        return estimate_llc(model, data, nbeta=nbetas[i], step_size=steps[i], progress=progress and rank == 0,
-                            **options)
+        return estimate_llc(model, data, nbeta=nbetas[i], step_size=steps[i], localization=gammas[i],
+                            progress=progress and rank == 0, **options)
 
     runs = _run_share(len(nbetas), one_run)
     lost = [i for i, r in runs.items() if isinstance(r, SamplerDivergedError)]

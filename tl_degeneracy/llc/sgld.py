@@ -426,17 +426,20 @@ class _GradBackend:
         return self._sequential(vals, batch, alive)
 
     def _sequential(self, vals: Tensor, batch: Any, alive: Tensor) -> tuple[Tensor, Tensor]:
-        g = torch.zeros_like(vals)
+        g = torch.empty_like(vals)  # every row is written below: no zero-fill pass over [C, D]
         loss = torch.full((self.n_chains,), float("nan"), dtype=torch.float64, device=vals.device)
         for c in range(self.n_chains):
             if not alive[c]:
+                g[c].zero_()
                 continue
             x = vals[c].detach().requires_grad_(True)
             with torch.enable_grad():
                 lc = self.value(x, batch)
                 (gc,) = torch.autograd.grad(lc, x, allow_unused=True)
-            if gc is not None:
-                g[c] = gc
+            if gc is None:
+                g[c].zero_()
+            else:
+                g[c].copy_(gc)
             loss[c] = lc.detach().double()
         return g, loss
 
@@ -444,17 +447,24 @@ class _GradBackend:
 class _Preconditioner:
     """The per-entry step factor ε·m (plain SGLD) or ε·m·P_t (RMSProp, bias-corrected as in Adam).
 
-    :meth:`factors` returns ``(half, factor, sqrt_factor)`` for step t: ε·m·P/2, ε·m·P and its square root.
+    :meth:`factors` returns ``(half, factor, sqrt_factor)`` for step t: ε·m·P/2, ε·m·P and its square root;
+    plain SGLD with one step factor for every entry (no mask, or a mask with one value) returns them as Python
+    floats, so the update multiplies by scalars instead of reading a [chains, D] factor tensor.
     """
 
     def __init__(self, s: _Settings, mask: Tensor, shape: tuple[int, int]):
         self.eps, self.mask = s.step_size, mask
         self.alpha, self.delta = s.rmsprop_alpha, s.rmsprop_eps
         self.sq_avg = torch.zeros(shape, dtype=mask.dtype, device=mask.device) if s.sampler == "rmsprop_sgld" else None
-        factor = (self.eps * mask).expand(shape)
-        self._constant = (0.5 * factor, factor, factor.sqrt())
+        m = float(mask[0]) if mask.numel() else 1.0
+        self._constant: tuple[Tensor, Tensor, Tensor] | tuple[float, float, float]
+        if self.sq_avg is None and bool((mask == m).all()):
+            self._constant = (0.5 * self.eps * m, self.eps * m, math.sqrt(self.eps * m))
+        else:
+            factor = (self.eps * mask).expand(shape)
+            self._constant = (0.5 * factor, factor, factor.sqrt())
 
-    def factors(self, g_loss: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    def factors(self, g_loss: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor] | tuple[float, float, float]:
         if self.sq_avg is None:
             return self._constant
         self.sq_avg.mul_(self.alpha).addcmul_(g_loss, g_loss, value=1.0 - self.alpha)
@@ -488,9 +498,10 @@ class _ChainNoise:
 class _SGLDStep:
     """One SGLD update of every chain, w' = w − (ε/2)·P·∇U + sqrt(ε·P)·ξ with ∇U = nβ∇L̂ + γ(w − w*), in place.
 
-    Works in two preallocated [C, D] buffers (the next state and one scratch) and turns the loss gradient
-    into ∇U where it lies, so a step allocates nothing. Separate multiplies and adds (no fused
-    multiply-add), so the draws are bit-identical to the plain expression.
+    Works in two preallocated [C, D] buffers (the next state and one scratch), so a step allocates nothing.
+    With scalar factors (plain SGLD, one step factor for all entries) it is three passes over [C, D]:
+    w' = lerp(w, w*, (ε/2)γ), then w' −= (ε/2)nβ·∇L̂, then w' += sqrt(ε)·ξ (the same update, rounded in another
+    order); with per-entry factors (masks with several values, RMSProp) it forms ∇U in ``g_loss`` first.
     """
 
     def __init__(self, w: Tensor, w_star: Tensor, nbeta: float, gamma: float):
@@ -498,8 +509,13 @@ class _SGLDStep:
         self.next = torch.empty_like(w)
         self.scratch = torch.empty_like(w)
 
-    def __call__(self, w: Tensor, g_loss: Tensor, half: Tensor, sqrt_factor: Tensor, noise: Tensor) -> Tensor:
-        """The proposal w' (in ``self.next``); ``g_loss`` is overwritten by ∇U."""
+    def __call__(self, w: Tensor, g_loss: Tensor, half: Tensor | float, sqrt_factor: Tensor | float,
+                 noise: Tensor) -> Tensor:
+        """The proposal w' (in ``self.next``); ``g_loss`` may be overwritten by ∇U."""
+        if isinstance(half, float) and isinstance(sqrt_factor, float):
+            out = torch.lerp(w, self.w_star.expand_as(w), half * self.gamma, out=self.next)
+            out.add_(g_loss, alpha=-half * self.nbeta)
+            return out.add_(noise, alpha=sqrt_factor)
         diff = torch.sub(w, self.w_star, out=self.scratch).mul_(self.gamma)
         g_u = g_loss.mul_(self.nbeta).add_(diff)
         out = torch.mul(half, g_u, out=self.next)
@@ -534,6 +550,55 @@ def _mala_acceptance(
     u_now = _potential(loss, w, w_star, nbeta, gamma)
     u_next = _potential(loss_next, w_next, w_star, nbeta, gamma)
     return torch.exp(torch.clamp((u_now - u_next) + log_q_back - log_q_fwd, max=0.0))
+
+
+#: entries per float32 partial dot product in :func:`_dot64` (the partial sums are added in float64)
+_DOT_CHUNK = 1 << 16
+
+
+def _dot64(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_j a[c, j]·b[c, j] per row c, as float64: float32 dot products over chunks of :data:`_DOT_CHUNK` entries
+    (no [C, D] temporary), their partial sums added in float64, so the rounding error is that of one chunk."""
+    C, D = a.shape
+    full = (D // _DOT_CHUNK) * _DOT_CHUNK
+    total = torch.zeros(C, dtype=torch.float64, device=a.device)
+    if full:
+        parts = torch.linalg.vecdot(a[:, :full].view(C, -1, _DOT_CHUNK), b[:, :full].view(C, -1, _DOT_CHUNK))
+        total += parts.sum(dim=1, dtype=torch.float64)
+    if full < D:
+        total += torch.linalg.vecdot(a[:, full:], b[:, full:]).double()
+    return total
+
+
+class _MalaCheck:
+    """The MALA acceptance of an SGLD proposal (see :func:`_mala_acceptance`), for scalar step factors in two
+    reusable [C, D] buffers: the log-acceptance written as sums of products of small differences,
+
+        U(w) − U(w') = nβ(L − L') + (γ/2)·Σ (w − w')(w + w' − 2w*),
+        log q(w | w') − log q(w' | w) = ½·Σ (ξ − a)(ξ + a),  a = (w − w' + (ε/2)∇U(w'))/sqrt(ε),
+
+    each a float32 product summed in float64 (:func:`_dot64`), so no ~D-sized potentials cancel and nothing is
+    allocated per check. Per-entry factors (masks with several values, RMSProp) use :func:`_mala_acceptance`.
+    """
+
+    def __init__(self, scratch: Tensor) -> None:
+        self.a = scratch  # the SGLD step's scratch buffer (unused by the scalar-factor update)
+        self.b: Tensor | None = None  # allocated at the first check
+
+    def __call__(self, w: Tensor, w_next: Tensor, noise: Tensor, factor: float, loss: Tensor, loss_next: Tensor,
+                 g_next: Tensor, w_star: Tensor, nbeta: float, gamma: float) -> Tensor:
+        if self.b is None:
+            self.b = torch.empty_like(w)
+        a, b = self.a, self.b
+        diff = torch.sub(w, w_next, out=a)
+        torch.add(w, w_next, out=b).sub_(w_star, alpha=2.0)
+        du = nbeta * (loss - loss_next).to(w.device) + 0.5 * gamma * _dot64(diff, b)
+        grad_u = torch.sub(w_next, w_star, out=b).mul_(gamma).add_(g_next, alpha=nbeta)  # ∇U(w') (no noise)
+        scaled = diff.add_(grad_u, alpha=0.5 * factor).mul_(1.0 / math.sqrt(factor))  # a
+        minus = torch.sub(noise, scaled, out=b)
+        plus = scaled.add_(noise)
+        log_alpha = du + 0.5 * _dot64(minus, plus)
+        return torch.exp(torch.clamp(log_alpha, max=0.0))
 
 
 class _Divergence:
@@ -869,6 +934,7 @@ def sgld_llc(
     accept = torch.zeros(C, dtype=torch.float64, device=dev)  # MALA acceptance: sum, sum of squares, checks
     accept_sq, accept_n = torch.zeros_like(accept), 0
     every = s.mala_spacing()
+    mala_scalar = _MalaCheck(step.scratch)
     batch_iter = _cycle(batches)
     running = _RunningLLC(n_burnin)
     t0 = time.perf_counter()
@@ -894,7 +960,8 @@ def sgld_llc(
 
         if every and t >= n_burnin and (t - n_burnin) % every == 0:  # never alters the chain
             g_next, loss_next = backend(w_next, batch, div.alive)
-            a = _mala_acceptance(w, w_next, noise, factor, loss, loss_next, g_next, w_star, nb, gamma)
+            check = mala_scalar if isinstance(factor, float) else _mala_acceptance
+            a = check(w, w_next, noise, factor, loss, loss_next, g_next, w_star, nb, gamma)
             a = torch.where(div.alive_dev & torch.isfinite(a), a, 0.0)
             accept += a
             accept_sq += a * a

@@ -892,21 +892,24 @@ def _check_llc(ctx: RunContext) -> None:
     ctx.data(n_tokens=ctx.config.llc_n_tokens, batch_size=ctx.config.llc_batch_size)
 
 
-def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Callable[[RunFolder], Path], str, float, float]], list[float]]:
-    """Every estimate of the stage, in order, as (where in a run folder, selection, nβ, step size): each
-    selection at the base nβ, then the whole model at every other nβ of the sweep (the base nβ's whole-model
-    estimate is the 'all' selection's, not sampled again), with the step scaled by nβ_0/nβ_i so that step·nβ
-    stays that of the main estimate."""
+def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Callable[[RunFolder], Path], str, float, float, float]],
+                                          list[float]]:
+    """Every estimate of the stage, in order, as (where in a run folder, selection, nβ, step size, localization):
+    each selection at the base nβ, then the whole model at every other nβ of the sweep (the base nβ's whole-model
+    estimate is the 'all' selection's, not sampled again), with the step scaled by nβ_0/nβ_i and the localization
+    by nβ_i/nβ_0 (as :func:`tl_degeneracy.llc_scale_sweep` does), so that step·nβ and step·γ — and with them the
+    acceptance and the equilibration time the burn-in was calibrated for — stay those of the main estimate."""
     c = ctx.config
     selections = llc_selections(c.llc_params, ctx.layers)
     nbetas = sorted(set(c.llc_nbetas or (c.llc_nbeta / 3, c.llc_nbeta, c.llc_nbeta * 3)))
-    jobs: list[tuple[Callable[[RunFolder], Path], str, float, float]] = [
-        ((lambda f, sel=sel: f.llc_result(sel)), sel, c.llc_nbeta, c.llc_step_size) for sel in selections]
-    base_step = c.llc_step_size * c.llc_nbeta / nbetas[0]  # as llc_scale_sweep scales it
+    jobs: list[tuple[Callable[[RunFolder], Path], str, float, float, float]] = [
+        ((lambda f, sel=sel: f.llc_result(sel)), sel, c.llc_nbeta, c.llc_step_size, c.llc_localization)
+        for sel in selections]
     for i, nb in enumerate(nbetas):
         if nb == c.llc_nbeta and "all" in selections:
             continue
-        jobs.append(((lambda f, i=i: f.llc_scale / f"run_{i:03d}"), "all", nb, base_step * nbetas[0] / nb))
+        jobs.append(((lambda f, i=i: f.llc_scale / f"run_{i:03d}"), "all", nb, c.llc_step_size * c.llc_nbeta / nb,
+                     c.llc_localization * nb / c.llc_nbeta))
     return jobs, nbetas
 
 
@@ -927,7 +930,7 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    options: dict[str, Any] = {"loss": "kl", "localization": c.llc_localization, "n_chains": c.llc_chains,
+    options: dict[str, Any] = {"loss": "kl", "n_chains": c.llc_chains,
                                "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
     stage_key = json.dumps(json_safe(_llc_settings(c)), sort_keys=True)
@@ -935,14 +938,15 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     progress = ctx.progress_folder
     done: dict[tuple[str, float], Any] = {}
     with _forward_warnings(ctx.log):
-        for where, sel, nb, step in jobs:
-            key = f"{stage_key}|{sel}|{nb!r}|{step!r}"
+        for where, sel, nb, step, gamma in jobs:
+            key = f"{stage_key}|{sel}|{nb!r}|{step!r}|{gamma!r}"
             result = _load_finished(where(progress), key) or _load_finished(where(ctx.folder), key)
             if result is not None:
                 ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} already computed, loaded")
             else:
                 ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
-                result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, **options)
+                result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, localization=gamma,
+                                          **options)
                 result.settings["run_key"] = key
                 result.save(where(progress))
             done[(sel, nb)] = result
