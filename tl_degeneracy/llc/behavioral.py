@@ -388,7 +388,9 @@ def sweep_localizations(nbetas: Sequence[float], localization: float, *, scale_l
     if not (localization >= 0 and math.isfinite(localization)):
         raise BadInputError(f"localization must be >= 0, got {localization}")
     nbetas = [float(nb) for nb in nbetas]
-    return [localization * nb / nbetas[0] for nb in nbetas] if scale_localization else [float(localization)] * len(nbetas)
+    if not scale_localization:
+        return [float(localization)] * len(nbetas)
+    return [localization * nb / nbetas[0] for nb in nbetas]
 
 
 def llc_scale_sweep(
