@@ -203,6 +203,22 @@ def test_lib_exact_gram_matches_a_float64_jacrev_reference(pair):
     torch.testing.assert_close(M, ref, rtol=1e-9, atol=1e-14)
 
 
+def test_lib_gram_of_a_float32_model_has_float32_products_and_float64_totals():
+    # A float32 model: each chunk's Gram is one float32 product (TF32 off; upper triangle on the CPU), added to a
+    # float64 total. Against the float64 jacrev reference of the same weights the error is float32 rounding of the
+    # forward/backward and of the products (~1e-6 relative; asserted at 1e-4 relative to the largest entry).
+    model64 = _model64()
+    model32 = make_tiny_model()
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    a, b = MLP
+    C_B = _random_basis(TINY["d_model"], 5, seed=3).C
+    M32, n = local_jacobian_gram(model32, _data(model32), a, b, C_B.float(), estimator="exact")
+    ref = _reference_M(model64, _data(model64), a, b, C_B)
+    assert M32.dtype == torch.float64 and n == int(_data(model32).mask.sum())
+    torch.testing.assert_close(M32, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert torch.equal(M32, M32.T)  # exactly symmetric
+
+
 def test_local_bases_use_the_next_sites_basis_and_the_two_steps_of_interaction_basis():
     model = _model64()
     data = _data(model)

@@ -29,6 +29,7 @@ from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.collection.cut import batched_vjp, cut_forward, one_hot_cotangents
 from tl_degeneracy.collection.distributed import shard, sharded_sums
 from tl_degeneracy.collection.engine import accurate_matmuls, flatten_site
+from tl_degeneracy.collection.kernels import gram_increment
 from tl_degeneracy.data import TokenBatches
 from tl_degeneracy.errors import BadInputError, NonFiniteError
 
@@ -55,6 +56,7 @@ def local_jacobian_gram(
     adapter = as_adapter(model)
     device = adapter.device
     M: torch.Tensor | None = None
+    workspace: torch.Tensor | None = None  # the float32 product's buffer, reused from chunk to chunk (CPU)
     n_total = 0
     with sharded_sums() as acc, adapter.eval_mode(), adapter.frozen_parameters(), accurate_matmuls():
         for batch in shard(data):  # this rank's share under torch.distributed, else every batch
@@ -72,11 +74,17 @@ def local_jacobian_gram(
             inc = torch.zeros(d_a, d_a, dtype=torch.float64, device=device)
             for _, g in batched_vjp(F, leaf, n_cot, cot):
                 g = g.flatten(3) if g.ndim == 5 else g
-                rows = g[:, mask].reshape(-1, d_a).to(torch.float64)  # counted input positions t
-                inc += rows.T @ rows
-            if not bool(torch.isfinite(inc).all()):
-                raise NonFiniteError(f"NaN or inf in the B→A Jacobian at batch {batch.index} ({site_b} → {site_a})")
-            M = inc * weight if M is None else M + inc * weight
+                rows = g[:, mask].reshape(-1, d_a)  # counted input positions t
+                if rows.dtype == torch.float64:  # a float64 model keeps float64 products
+                    part = rows.T @ rows
+                else:  # float32 product (TF32 off; upper triangle on the CPU), added to the float64 total
+                    part = workspace = gram_increment(rows, out=workspace)
+                # NaN and inf in any row reach the Gram's diagonal (sums of squares): one check of d_a numbers
+                if not bool(torch.isfinite(part.diagonal().sum())):
+                    raise NonFiniteError(
+                        f"NaN or inf in the B→A Jacobian at batch {batch.index} ({site_b} → {site_a})")
+                inc += part
+            M = inc * weight if M is None else M.add_(inc, alpha=weight)
             n_total += n
             acc.sums = {"M": M, "n": torch.tensor(n_total)}
     if acc.sums:  # totals over ranks when sharded

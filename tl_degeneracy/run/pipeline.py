@@ -138,8 +138,8 @@ class RunConfig:
     llc_step_size: float = 2e-6
     llc_localization: float = 5000.0
     llc_chains: int = 4
-    llc_steps: int = 500
-    llc_burnin: int = 300
+    llc_steps: int = 1000
+    llc_burnin: int = 500
     llc_n_tokens: int = 2048
     llc_batch_size: int = 4
     graph: bool | None = None
