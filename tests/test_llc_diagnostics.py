@@ -136,3 +136,15 @@ def test_standard_error_matches_the_spread_over_seeds():
     se = np.array([r.llc_se for r in runs])
     ratio = llc.std(ddof=1) / se.mean()
     assert 0.6 < ratio < 1.5, (ratio, llc, se)
+
+
+def test_verdict_never_prints_a_failing_value_that_rounds_to_its_threshold():
+    # measured on modadd-113 (nβ = 12769, γ = 100, ε = 4e-6): mean acceptance 0.898 was reported as
+    # "MALA acceptance 0.90 < 0.9"; the reason must show a value visibly below the bound
+    diag = {"mala_acceptance": [0.898] * 4, "r_hat_rank": 1.01, "ess_bulk": 500.0, "plateau_test": {"ok": True}}
+    ok, reasons = dg.verdict(diag)
+    assert not ok and reasons == ["MALA acceptance 0.898 < 0.9 (step_size too large)"]
+    ok, reasons = dg.verdict({**diag, "mala_acceptance": [1.0] * 7 + [0.4995]})
+    assert not ok and reasons[0].startswith("MALA acceptance 0.499 < 0.5 in one chain")
+    ok, reasons = dg.verdict({**diag, "mala_acceptance": [0.95] * 4, "r_hat_rank": 1.1004})
+    assert not ok and reasons[0].startswith("R̂ 1.1004 > 1.1")

@@ -193,6 +193,16 @@ def plateau_test(traces: Any, *, z: float = PLATEAU_Z, rtol: float = PLATEAU_RTO
     return {"ok": bool(ok), "drift": drift, "se": se, "z": zval, "mean": mean}
 
 
+def _shown(value: float, bound: float, kind: str, digits: int) -> str:
+    """``value`` with ``digits`` digits (``kind`` "f" or "g"), more when that would print the bound itself: a
+    failed check never reads "0.90 < 0.9"."""
+    text = f"{value:.{digits}{kind}}"
+    while float(text) == bound and digits < 8:
+        digits += 1
+        text = f"{value:.{digits}{kind}}"
+    return text
+
+
 def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     """``(converged, reasons)`` from an :class:`~tl_degeneracy.LLCResult`'s diagnostics.
 
@@ -204,14 +214,17 @@ def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     if not acc:
         reasons.append("no MALA acceptance measured (mala_every=0)")
     elif sum(acc) / len(acc) < MIN_ACCEPTANCE:
-        reasons.append(f"MALA acceptance {sum(acc) / len(acc):.2f} < {MIN_ACCEPTANCE} (step_size too large)")
+        mean_acc = sum(acc) / len(acc)
+        reasons.append(f"MALA acceptance {_shown(mean_acc, MIN_ACCEPTANCE, 'f', 2)} < {MIN_ACCEPTANCE} "
+                       "(step_size too large)")
     elif min(acc) < MIN_CHAIN_ACCEPTANCE:
-        reasons.append(f"MALA acceptance {min(acc):.2f} < {MIN_CHAIN_ACCEPTANCE} in one chain (step_size too large)")
+        reasons.append(f"MALA acceptance {_shown(min(acc), MIN_CHAIN_ACCEPTANCE, 'f', 2)} < {MIN_CHAIN_ACCEPTANCE} "
+                       "in one chain (step_size too large)")
     r_hat = diag.get("r_hat_rank", float("nan"))
     if not r_hat == r_hat:
         reasons.append("R̂ not measurable")
     elif r_hat > MAX_R_HAT:
-        reasons.append(f"R̂ {r_hat:.3g} > {MAX_R_HAT} (chains disagree)")
+        reasons.append(f"R̂ {_shown(r_hat, MAX_R_HAT, 'g', 3)} > {MAX_R_HAT} (chains disagree)")
     ess = diag.get("ess_bulk", float("nan"))
     if not ess == ess:
         reasons.append("ESS not measurable")
