@@ -197,3 +197,14 @@ def test_the_reported_standard_error_of_llc_is_llc_standard_error():
     paired = res.nbeta * res.loss_trace[:, res.n_burnin :]
     assert dg.llc_standard_error(paired) > 1.2 * dg.mcse_mean(paired)
     assert res.llc_se == pytest.approx(dg.llc_standard_error(paired), rel=1e-12)
+
+
+def test_plateau_test_is_not_fooled_by_a_slow_mode_under_noise():
+    # flat traces (a stationary slow mode under noise, level 40 so that the 2% rule does not decide): the plateau
+    # test compares the last two quarters in units of their standard errors, so it must fail rarely — with the raw
+    # mcse it failed 8 of 100 seeds here (and modadd-113's whole model at γ = 300, 4 × 2000 draws: "drift 3.02 = 4.3
+    # s.e." where block means give 2.3 s.e.)
+    fails = sum(not dg.plateau_test(_slow_under_noise(s, n=2000, tau=200.0)[0] + 40.0)["ok"] for s in range(100))
+    assert fails <= 3, fails
+    drift = _slow_under_noise(0, n=2000, tau=200.0)[0] + 40.0 + np.linspace(0.0, 6.0, 2000)  # 15% rise: caught
+    assert not dg.plateau_test(drift)["ok"]

@@ -200,8 +200,9 @@ def llc_standard_error(traces: Any, *, n_blocks: int = SE_BLOCKS) -> float:
 
 def plateau_test(traces: Any, *, z: float = PLATEAU_Z, rtol: float = PLATEAU_RTOL) -> dict[str, Any]:
     """Has the trace stopped rising (or falling)? The mean of the last quarter of the draws (all chains)
-    against the mean of the quarter before, in units of their Monte-Carlo standard errors (each from its
-    own ESS). Fails when the difference exceeds ``z`` standard errors and ``rtol`` of the mean.
+    against the mean of the quarter before, in units of their standard errors (each
+    :func:`llc_standard_error` of its quarter: a slow mode under noise would otherwise shrink them and fail flat
+    traces). Fails when the difference exceeds ``z`` standard errors and ``rtol`` of the mean.
 
     Returns ``{"ok", "drift", "se", "z", "mean"}`` (``drift`` = last − third quarter).
 
@@ -220,7 +221,7 @@ def plateau_test(traces: Any, *, z: float = PLATEAU_Z, rtol: float = PLATEAU_RTO
     q = n // 4
     third, last = x[:, n - 2 * q : n - q], x[:, n - q :]
     drift = float(last.mean() - third.mean())
-    se = math.hypot(mcse_mean(third), mcse_mean(last))
+    se = math.hypot(llc_standard_error(third), llc_standard_error(last))
     mean = float(x.mean())
     zval = abs(drift) / se if se > 0 else (0.0 if drift == 0 else float("inf"))
     ok = not (zval > z and abs(drift) > rtol * abs(mean))
