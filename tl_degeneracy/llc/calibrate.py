@@ -202,7 +202,7 @@ def calibrate(run: Callable[[float, float], LLCResult], *, step_sizes: Sequence[
             band = FLAT_SE * math.hypot(float(se[i, j]), float(se[i, ref]))
             level = abs(float(llc[i, ref]))
             tol = max(band, FLAT_RTOL * level)
-            flat[i, j] = band <= FLAT_RESOLVE * level and abs(float(llc[i, j] - llc[i, ref])) <= tol
+            flat[i, j] = j == ref or (band <= FLAT_RESOLVE * level and abs(float(llc[i, j] - llc[i, ref])) <= tol)
         if recommended is None and int(flat[i].sum()) >= 2:
             j = int(torch.nonzero(flat[i]).max())
             recommended = {"step_size": steps[j], "localization": g, "llc": float(llc[i, j]),
