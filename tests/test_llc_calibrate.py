@@ -12,7 +12,7 @@ from tiny import make_tiny_model, random_tokens
 
 import tl_degeneracy as tld
 from tl_degeneracy.llc.calibrate import LLCCalibration, calibrate
-from tl_degeneracy.llc.sgld import sgld_llc
+from tl_degeneracy.llc.sgld import LLCResult, sgld_llc
 
 H = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
 
@@ -112,3 +112,33 @@ def test_calibrate_command_and_run_with_llc_calibrate(tiny_gpt2_path, tmp_path, 
     assert main([*run_args, "--llc-step-size", "3e-4", "--llc-localization", "5", "--out", str(run_out)]) == 0
     used = tld.LLCResult.load(run_out / "llc" / "all").settings
     assert used["step_size"] == 1e-5 and used["localization"] == 100.0
+
+
+def _cell_result(llc: float, se: float, verdict: str = "converged") -> LLCResult:
+    """A stand-in LLCResult with the fields calibrate() reads (λ̂, its s.e., acceptance, R̂, verdict)."""
+    return LLCResult(llc_mean=llc, llc_std=float("nan"), llc_per_chain=torch.full((4,), llc),
+                     loss_trace=torch.zeros(4, 1), eps_hat=llc / 100.0, n_eff=2 * llc, nbeta=100.0,
+                     loss_at_optimum=0.0, n_burnin=0,
+                     diagnostics={"verdict": verdict, "llc_se": se, "mala_acceptance": [0.95] * 4, "r_hat_rank": 1.01})
+
+
+def test_a_cell_too_noisy_to_compare_is_not_flat_and_not_recommended():
+    # Measured on modadd-113's MLP (nβ = 12769, γ = 300, 4 chains, 1000/500 steps): ε = 1e-5 gave 6.47 ± 0.16 and
+    # ε = 3e-5 10.57 ± 2.66 (one chain's excursion into the loss wall: per-chain 18.4, 7.0, 9.1, 7.8), both
+    # "converged". |Δ| = 4.1 is within 3 combined s.e. (8.0) only because the larger step is noisy: agreement that
+    # could not have seen a 60% step-size bias is no evidence of flatness.
+    table = {(1e-5, 300.0): (6.47, 0.16), (3e-5, 300.0): (10.57, 2.66)}
+    cal = calibrate(lambda e, g: _cell_result(*table[(e, g)]), step_sizes=[1e-5, 3e-5], localizations=[300.0],
+                    nbeta=12769.0)
+    assert not bool(cal.flat[0, 1])
+    assert cal.recommended is None
+    # two precise cells that agree are flat, and the larger step is recommended
+    table[(3e-5, 300.0)] = (6.60, 0.20)
+    cal = calibrate(lambda e, g: _cell_result(*table[(e, g)]), step_sizes=[1e-5, 3e-5], localizations=[300.0],
+                    nbeta=12769.0)
+    assert cal.flat.tolist() == [[True, True]] and cal.recommended["step_size"] == 3e-5
+    # a precise cell that disagrees by more than 3 s.e. and 5% is not flat
+    table[(3e-5, 300.0)] = (7.50, 0.20)
+    cal = calibrate(lambda e, g: _cell_result(*table[(e, g)]), step_sizes=[1e-5, 3e-5], localizations=[300.0],
+                    nbeta=12769.0)
+    assert not bool(cal.flat[0, 1]) and cal.recommended is None

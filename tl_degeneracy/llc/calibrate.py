@@ -5,7 +5,9 @@
 λ̂ is flat in ε and the verdict holds**, at the **smallest γ** that has such a region:
 
 - flat: at one γ, a converged cell whose λ̂ agrees with the λ̂ of the smallest converged step there (the least
-  step-size bias: λ̂ grows like 1/(1 − εa/4) on curvature a) within 3 combined standard errors or 5%;
+  step-size bias: λ̂ grows like 1/(1 − εa/4) on curvature a) within 3 combined standard errors or 5%, and precisely
+  enough to tell: 3 combined standard errors at most 25% of that λ̂ (a cell whose own error bar is wide, e.g. from
+  one chain's excursion into a loss wall, "agrees" with anything and is no evidence of flatness);
 - at least two flat cells (the plateau must be seen, not assumed);
 - the smallest such γ: the localization biases λ̂ downwards (it adds γ to every curvature), so the weakest one
   that still converges disturbs it least.
@@ -34,6 +36,8 @@ __all__ = ["LLCCalibration", "calibrate_llc"]
 FLAT_SE = 3.0
 #: ... or within this fraction of λ̂_ref
 FLAT_RTOL = 0.05
+#: ... and the comparison must resolve a departure of this fraction of λ̂_ref: FLAT_SE combined s.e. at most this
+FLAT_RESOLVE = 0.25
 
 
 @dataclass
@@ -187,15 +191,18 @@ def calibrate(run: Callable[[float, float], LLCResult], *, step_sizes: Sequence[
     verdicts = [[r.verdict if r is not None else "not converged: every chain diverged" for r in row]
                 for row in cells]
     flat = torch.zeros(len(gammas), len(steps), dtype=torch.bool)
-    recommended, reason = None, "no localization has two converged step sizes that agree: widen the grid"
+    recommended, reason = None, ("no localization has two converged step sizes that agree (within 3 s.e. or 5%, with "
+                                 "3 s.e. ≤ 25% of λ̂): widen the grid or run longer chains")
     for i, g in enumerate(gammas):
         ok = [j for j in range(len(steps)) if verdicts[i][j] == "converged"]
         if not ok:
             continue
         ref = ok[0]
         for j in ok:
-            tol = max(FLAT_SE * math.hypot(float(se[i, j]), float(se[i, ref])), FLAT_RTOL * abs(float(llc[i, ref])))
-            flat[i, j] = abs(float(llc[i, j] - llc[i, ref])) <= tol
+            band = FLAT_SE * math.hypot(float(se[i, j]), float(se[i, ref]))
+            level = abs(float(llc[i, ref]))
+            tol = max(band, FLAT_RTOL * level)
+            flat[i, j] = j == ref or (band <= FLAT_RESOLVE * level and abs(float(llc[i, j] - llc[i, ref])) <= tol)
         if recommended is None and int(flat[i].sum()) >= 2:
             j = int(torch.nonzero(flat[i]).max())
             recommended = {"step_size": steps[j], "localization": g, "llc": float(llc[i, j]),

@@ -8,6 +8,8 @@ Pure functions of post-burn-in traces ``[chains, draws]`` (numpy float64 inside)
 - :func:`ess_bulk` and :func:`ess_mean`: effective sample sizes (arviz-stats ``ess(method="bulk")`` and
   ``"mean"``): split chains, autocorrelations by FFT, Geyer's initial monotone sequence.
 - :func:`mcse_mean`: Monte-Carlo standard error of the mean, sd / sqrt(ESS_mean) (arviz-stats ``mcse``).
+- :func:`llc_standard_error`: the standard error reported for λ̂: the larger of :func:`mcse_mean` of the draws and
+  of their means over ``n_blocks`` consecutive blocks per chain (a slow mode under step-to-step noise).
 - :func:`plateau_test`: is the trace still rising or falling? The means of the last two quarters compared
   with their Monte-Carlo standard errors.
 - :func:`verdict`: ``(converged, reasons)`` from the acceptance, R̂, ESS, plateau test and divergences.
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ess_bulk", "ess_mean", "mcse_mean", "plateau_test", "rank_r_hat", "verdict"]
+__all__ = ["ess_bulk", "ess_mean", "llc_standard_error", "mcse_mean", "plateau_test", "rank_r_hat", "verdict"]
 
 #: mean MALA acceptance (over chains) below this says the step is too large for the curvature. On a Gaussian
 #: target (tests/test_llc_diagnostics.py) acceptance 0.9 already goes with a step-size bias of λ̂ of ≈ 40% in 3
@@ -164,10 +166,43 @@ def mcse_mean(traces: Any) -> float:
     return float(x.std(ddof=1) / math.sqrt(ess)) if ess == ess and ess > 0 else float("nan")
 
 
+#: blocks per chain whose means :func:`llc_standard_error` also feeds to :func:`mcse_mean`
+SE_BLOCKS = 100
+
+
+def llc_standard_error(traces: Any, *, n_blocks: int = SE_BLOCKS) -> float:
+    """The standard error of the mean of ``traces`` [chains, draws]: the larger of :func:`mcse_mean` of the draws
+    and :func:`mcse_mean` of the means of ``n_blocks`` consecutive blocks per chain (the leading remainder dropped;
+    no blocking when a chain has fewer than 2·n_blocks draws).
+
+    Why both: SGLD traces with cycled minibatches are a slow mode (autocorrelation time ≈ 1/(εγ) steps) carrying ~1%
+    of the variance under large step-to-step noise (each batch's loss, the fast directions). Geyer's initial
+    sequence on the raw draws cuts the autocorrelation sum where the slow mode's 1% drowns in the noise of the
+    estimated autocorrelations, so the raw ``mcse_mean`` can be 2–3× too small (modadd-113: 0.38 against 1.0 from
+    block means and 1.4 from the spread of the 4 chain means). Block means keep the slow mode and average the noise
+    away; on white noise both agree (tests/test_llc_diagnostics.py).
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).standard_normal((4, 1000))
+        >>> round(float(llc_standard_error(x) / (x.std() / np.sqrt(x.size))), 1)
+        1.0
+    """
+    x = _as_2d(traces)
+    raw = mcse_mean(x)
+    k = x.shape[1] // n_blocks
+    if k < 2:
+        return raw
+    blocks = x[:, x.shape[1] - k * n_blocks :].reshape(x.shape[0], n_blocks, k).mean(axis=2)
+    blocked = mcse_mean(blocks)
+    return max(raw, blocked) if blocked == blocked else raw
+
+
 def plateau_test(traces: Any, *, z: float = PLATEAU_Z, rtol: float = PLATEAU_RTOL) -> dict[str, Any]:
     """Has the trace stopped rising (or falling)? The mean of the last quarter of the draws (all chains)
-    against the mean of the quarter before, in units of their Monte-Carlo standard errors (each from its
-    own ESS). Fails when the difference exceeds ``z`` standard errors and ``rtol`` of the mean.
+    against the mean of the quarter before, in units of their standard errors (each
+    :func:`llc_standard_error` of its quarter: a slow mode under noise would otherwise shrink them and fail flat
+    traces). Fails when the difference exceeds ``z`` standard errors and ``rtol`` of the mean.
 
     Returns ``{"ok", "drift", "se", "z", "mean"}`` (``drift`` = last − third quarter).
 
@@ -186,11 +221,21 @@ def plateau_test(traces: Any, *, z: float = PLATEAU_Z, rtol: float = PLATEAU_RTO
     q = n // 4
     third, last = x[:, n - 2 * q : n - q], x[:, n - q :]
     drift = float(last.mean() - third.mean())
-    se = math.hypot(mcse_mean(third), mcse_mean(last))
+    se = math.hypot(llc_standard_error(third), llc_standard_error(last))
     mean = float(x.mean())
     zval = abs(drift) / se if se > 0 else (0.0 if drift == 0 else float("inf"))
     ok = not (zval > z and abs(drift) > rtol * abs(mean))
     return {"ok": bool(ok), "drift": drift, "se": se, "z": zval, "mean": mean}
+
+
+def _shown(value: float, bound: float, kind: str, digits: int) -> str:
+    """``value`` with ``digits`` digits (``kind`` "f" or "g"), more when that would print the bound itself: a
+    failed check never reads "0.90 < 0.9"."""
+    text = f"{value:.{digits}{kind}}"
+    while float(text) == bound and digits < 8:
+        digits += 1
+        text = f"{value:.{digits}{kind}}"
+    return text
 
 
 def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -204,14 +249,17 @@ def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     if not acc:
         reasons.append("no MALA acceptance measured (mala_every=0)")
     elif sum(acc) / len(acc) < MIN_ACCEPTANCE:
-        reasons.append(f"MALA acceptance {sum(acc) / len(acc):.2f} < {MIN_ACCEPTANCE} (step_size too large)")
+        mean_acc = sum(acc) / len(acc)
+        reasons.append(f"MALA acceptance {_shown(mean_acc, MIN_ACCEPTANCE, 'f', 2)} < {MIN_ACCEPTANCE} "
+                       "(step_size too large)")
     elif min(acc) < MIN_CHAIN_ACCEPTANCE:
-        reasons.append(f"MALA acceptance {min(acc):.2f} < {MIN_CHAIN_ACCEPTANCE} in one chain (step_size too large)")
+        reasons.append(f"MALA acceptance {_shown(min(acc), MIN_CHAIN_ACCEPTANCE, 'f', 2)} < {MIN_CHAIN_ACCEPTANCE} "
+                       "in one chain (step_size too large)")
     r_hat = diag.get("r_hat_rank", float("nan"))
     if not r_hat == r_hat:
         reasons.append("R̂ not measurable")
     elif r_hat > MAX_R_HAT:
-        reasons.append(f"R̂ {r_hat:.3g} > {MAX_R_HAT} (chains disagree)")
+        reasons.append(f"R̂ {_shown(r_hat, MAX_R_HAT, 'g', 3)} > {MAX_R_HAT} (chains disagree)")
     ess = diag.get("ess_bulk", float("nan"))
     if not ess == ess:
         reasons.append("ESS not measurable")

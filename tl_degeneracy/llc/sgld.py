@@ -97,8 +97,9 @@ class LLCResult:
     def llc_se(self) -> float:
         """The standard error of λ̂: the Monte-Carlo standard error of the mean of the paired excess
         nβ·(L(w_t) − L(w*)) over all post-burn-in draws of the surviving chains, sd/sqrt(ESS) (arviz-stats'
-        ``mcse(method="mean")``); it accounts for the autocorrelation within and the spread between chains.
-        Results saved before it existed fall back to :attr:`llc_sem`."""
+        ``mcse(method="mean")``) of the draws or of their block means, whichever is larger
+        (:func:`tl_degeneracy.llc.diagnostics.llc_standard_error`); it accounts for the autocorrelation within and
+        the spread between chains. Results saved before it existed fall back to :attr:`llc_sem`."""
         se = self.diagnostics.get("llc_se")
         return float(se) if se is not None else self.llc_sem
 
@@ -733,7 +734,7 @@ def _summarise(
             "r_hat_rank": _diag.rank_r_hat(paired) if live_idx else float("nan"),
             "ess_bulk": _diag.ess_bulk(paired) if live_idx else float("nan"),
             "ess_mean": _diag.ess_mean(paired) if live_idx else float("nan"),
-            "llc_se": _diag.mcse_mean(paired) if live_idx else float("nan"),
+            "llc_se": _diag.llc_standard_error(paired) if live_idx else float("nan"),
             "plateau_test": _diag.plateau_test(paired) if live_idx else {"ok": False, "reason": "no chain left"},
             "dropped_chains": [d["chain"] for d in div.events],
             "divergences": div.events,
