@@ -176,3 +176,39 @@ def test_interrupted_llc_stage_resumes_without_recomputing(tiny_gpt2_path, tmp_p
         a, b = tld.LLCResult.load(out / "llc" / sel), tld.LLCResult.load(whole / "llc" / sel)
         assert torch.equal(a.loss_trace, b.loss_trace) and a.llc_mean == b.llc_mean, sel
     assert not list((out / "llc").glob("**/*.partial")) and not list((out / "llc").glob("**/*.old"))
+
+
+def test_needs_longer_chains_only_for_mixing_failures():
+    from tl_degeneracy.llc.diagnostics import needs_longer_chains
+
+    healthy = {"mala_acceptance": [0.95, 0.94], "r_hat_rank": 1.01, "ess_bulk": 400.0,
+               "plateau_test": {"ok": True}, "dropped_chains": []}
+    assert not needs_longer_chains(healthy)  # converged
+    assert needs_longer_chains({**healthy, "r_hat_rank": 1.18})
+    assert needs_longer_chains({**healthy, "ess_bulk": 19.0})
+    assert needs_longer_chains({**healthy, "plateau_test": {"ok": False, "drift": 1.0, "z": 4.0}})
+    assert not needs_longer_chains({**healthy, "r_hat_rank": 1.18, "mala_acceptance": [0.7, 0.8]})  # step too big
+    assert not needs_longer_chains({**healthy, "r_hat_rank": 1.18, "dropped_chains": [1]})
+
+
+def test_llc_stage_samples_a_poorly_mixed_estimate_again_with_twice_the_steps(tiny_gpt2_path, tmp_path,
+                                                                               monkeypatch):
+    # Estimates 'all' then 'blocks.0' (one nβ). The verdict check says 'blocks.0' mixed poorly once: the stage
+    # samples it again with 2× the steps (within --llc-max-steps) and keeps that result; a rerun loads it.
+    import tl_degeneracy.run.pipeline as pipeline
+
+    calls, checks = [], []
+    original = tld.estimate_llc
+    monkeypatch.setattr(tld, "estimate_llc", lambda *a, **k: (calls.append((k["params"], k["n_steps"])),
+                                                              original(*a, **k))[1])
+    monkeypatch.setattr(pipeline, "needs_longer_chains", lambda diag: (checks.append(1), len(checks) == 2)[1])
+    out = tmp_path / "run"
+    args = [*_stage_args(tiny_gpt2_path, tmp_path, out), "--layers", "0", "--llc-nbetas", "10000",
+            "--llc-max-steps", "16"]
+    assert main(args) == 0
+    assert calls == [("all", 4), ("blocks.0", 4), ("blocks.0", 8)]
+    assert tld.LLCResult.load(out / "llc" / "blocks.0").settings["n_steps"] == 8
+    assert tld.LLCResult.load(out / "llc" / "all").settings["n_steps"] == 4
+    calls.clear()
+    assert main(args) == 0
+    assert calls == []  # everything loaded, the longer attempt included

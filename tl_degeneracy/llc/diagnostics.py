@@ -273,3 +273,19 @@ def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     if diag.get("dropped_chains"):
         reasons.append(f"{len(diag['dropped_chains'])} chain(s) diverged")
     return not reasons, reasons
+
+
+def needs_longer_chains(diag: dict[str, Any]) -> bool:
+    """Whether longer chains can turn a "not converged" verdict into "converged": the verdict failed, but only on
+    mixing (R̂, ESS or the plateau test), with a healthy MALA acceptance and no diverged chain. A failed acceptance
+    (step too large) or a divergence is not fixed by running longer.
+
+    Example::
+
+        needs_longer_chains(result.diagnostics)   # True for R̂ 1.18 at acceptance 0.94
+    """
+    converged, _ = verdict(diag)
+    if converged or diag.get("dropped_chains"):
+        return False
+    acc = [a for a in diag.get("mala_acceptance", []) if a is not None and a == a]
+    return bool(acc) and sum(acc) / len(acc) >= MIN_ACCEPTANCE and min(acc) >= MIN_CHAIN_ACCEPTANCE

@@ -221,6 +221,9 @@ def _add_run_arguments(run: argparse.ArgumentParser, d: RunConfig) -> None:
                    help=f"SGLD steps per chain, burn-in included (default {d.llc_steps})")
     g.add_argument("--llc-burnin", type=_nonneg_int, default=d.llc_burnin, metavar="N",
                    help=f"burn-in steps (default {d.llc_burnin})")
+    g.add_argument("--llc-max-steps", type=_positive_int, default=None, metavar="N",
+                   help="an estimate whose verdict fails only on mixing (R̂, ESS, plateau; acceptance fine) is sampled "
+                        "again with twice the steps, up to N (default 4 × --llc-steps; equal to --llc-steps: never)")
     g.add_argument("--llc-n-tokens", type=_positive_int, default=d.llc_n_tokens, metavar="N",
                    help=f"counted tokens the sampler cycles through (default {d.llc_n_tokens})")
     g.add_argument("--llc-batch-size", type=_positive_int, default=d.llc_batch_size, metavar="B",
@@ -275,6 +278,7 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
         tau_neurons=args.tau_neurons, llc_params=args.llc_params, llc_nbeta=args.llc_nbeta,
         llc_nbetas=args.llc_nbetas, llc_step_size=args.llc_step_size, llc_localization=args.llc_localization,
         llc_chains=args.llc_chains, llc_steps=args.llc_steps, llc_burnin=args.llc_burnin,
+        llc_max_steps=args.llc_max_steps,
         llc_n_tokens=args.llc_n_tokens, llc_batch_size=args.llc_batch_size, seed=args.seed, device=args.device,
         graph=args.graph, graph_n_tokens=args.graph_n_tokens, graph_eps=args.graph_eps,
         ablate_n_tokens=args.ablate_n_tokens, ablate_tolerance=args.ablate_tolerance,

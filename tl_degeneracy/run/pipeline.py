@@ -51,6 +51,7 @@ from tl_degeneracy._io import json_safe, read_json, tensor_path, verify_tensor_f
 from tl_degeneracy.analysis.basis import DEFAULT_RTOL
 from tl_degeneracy.collection.distributed import local_only
 from tl_degeneracy.errors import BadInputError, IncompatibleStatsError
+from tl_degeneracy.llc.diagnostics import needs_longer_chains
 from tl_degeneracy.run.layout import RunFolder, staged
 from tl_degeneracy.sites import check_layers, site_dim
 
@@ -140,6 +141,7 @@ class RunConfig:
     llc_chains: int = 4
     llc_steps: int = 1000
     llc_burnin: int = 500
+    llc_max_steps: int | None = None
     llc_n_tokens: int = 2048
     llc_batch_size: int = 4
     graph: bool | None = None
@@ -881,7 +883,7 @@ def _llc_settings(c: RunConfig) -> dict[str, Any]:
     return {"model": model_identity(c.model), "data": data_identity(c.data), **_fingerprints(c),
             "layers": c.layers, "params": list(c.llc_params), "nbeta": c.llc_nbeta, "nbetas": list(c.llc_nbetas),
             "step_size": c.llc_step_size, "localization": c.llc_localization, "chains": c.llc_chains,
-            "steps": c.llc_steps, "burnin": c.llc_burnin, "n_tokens": c.llc_n_tokens,
+            "steps": c.llc_steps, "max_steps": c.llc_max_steps, "burnin": c.llc_burnin, "n_tokens": c.llc_n_tokens,
             "batch_size": c.llc_batch_size, "seq_len": c.seq_len, "seed": c.seed}
 
 
@@ -913,13 +915,24 @@ def _llc_jobs(ctx: RunContext) -> tuple[list[tuple[Callable[[RunFolder], Path], 
     return jobs, nbetas
 
 
-def _load_finished(folder: Path, key: str) -> Any:
-    """The LLCResult saved in ``folder`` by this very job (same stage settings, selection, nβ, step), or None."""
+def llc_step_schedule(n_steps: int, max_steps: int) -> list[int]:
+    """The chain lengths the LLC stage tries in turn: ``n_steps``, doubled while at most ``max_steps``.
+    Example: ``llc_step_schedule(1000, 4000)`` → ``[1000, 2000, 4000]``."""
+    schedule = [n_steps]
+    while schedule[-1] * 2 <= max_steps:
+        schedule.append(schedule[-1] * 2)
+    return schedule
+
+
+def _load_attempt(folder: Path, keys: list[str]) -> tuple[Any, int] | None:
+    """The LLCResult saved in ``folder`` by one of this job's attempts (same stage settings, selection, nβ, step;
+    ``keys[i]`` is the attempt with the i-th chain length), and the index of the next attempt; or None."""
     try:
         result = tld.LLCResult.load(folder)
     except Exception:  # noqa: BLE001 - missing, partial or unreadable: compute it again
         return None
-    return result if result.settings.get("run_key") == key else None
+    key = result.settings.get("run_key")
+    return (result, keys.index(key) + 1) if key in keys else None
 
 
 def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
@@ -930,24 +943,31 @@ def _run_llc(ctx: RunContext) -> tuple[list[str], dict[str, Any]]:
     c = ctx.config
     model = ctx.model
     data = ctx.data(n_tokens=c.llc_n_tokens, batch_size=c.llc_batch_size)
-    options: dict[str, Any] = {"loss": "kl", "n_chains": c.llc_chains,
-                               "n_steps": c.llc_steps, "n_burnin": c.llc_burnin, "seed": c.seed,
+    options: dict[str, Any] = {"loss": "kl", "n_chains": c.llc_chains, "n_burnin": c.llc_burnin, "seed": c.seed,
                                "on_divergence": "drop", "progress": ctx.progress}
     stage_key = json.dumps(json_safe(_llc_settings(c)), sort_keys=True)
     jobs, nbetas = _llc_jobs(ctx)
     progress = ctx.progress_folder
     done: dict[tuple[str, float], Any] = {}
+    schedule = llc_step_schedule(c.llc_steps, 4 * c.llc_steps if c.llc_max_steps is None else c.llc_max_steps)
     with _forward_warnings(ctx.log):
         for where, sel, nb, step, gamma in jobs:
-            key = f"{stage_key}|{sel}|{nb!r}|{step!r}|{gamma!r}"
-            result = _load_finished(where(progress), key) or _load_finished(where(ctx.folder), key)
+            keys = [f"{stage_key}|{sel}|{nb!r}|{step!r}|{gamma!r}|steps={n}" for n in schedule]
+            result, first = _load_attempt(where(progress), keys) or _load_attempt(where(ctx.folder), keys) or (None, 0)
             if result is not None:
-                ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} already computed, loaded")
-            else:
-                ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
+                ctx.log(f"llc: parameters '{sel}' at nβ = {nb:g} ({schedule[first - 1]} steps) already computed, "
+                        "loaded")
+            for attempt in range(first, len(schedule)):
+                if result is not None and not needs_longer_chains(result.diagnostics):
+                    break
+                if result is not None:
+                    ctx.log(f"llc: '{sel}' at nβ = {nb:g} {result.verdict}; sampling again with "
+                            f"{schedule[attempt]} steps")
+                else:
+                    ctx.log(f"llc: sampling parameters '{sel}' at nβ = {nb:g}")
                 result = tld.estimate_llc(model, data, params=sel, nbeta=nb, step_size=step, localization=gamma,
-                                          **options)
-                result.settings["run_key"] = key
+                                          n_steps=schedule[attempt], **options)
+                result.settings["run_key"] = keys[attempt]
                 result.save(where(progress))
             done[(sel, nb)] = result
     results = {sel: r for (sel, nb), r in done.items() if nb == c.llc_nbeta and _is_selection(ctx, sel)}
