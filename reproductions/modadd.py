@@ -96,11 +96,11 @@ BUDGETS = {
                  edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
                  llc_steps={"model": [3e-7, 1e-6], "mlp": [3e-7, 1e-6]},
                  llc_gammas={"model": [1000.0], "mlp": [1000.0]}, llc_n_steps=300, llc_burnin=100,
-                 llc_pairs=512, llc_nbeta=None, llc_chains=4),
+                 llc_pairs=512, llc_batch=None, llc_nbeta=None, llc_chains=4),
     "small": dict(n_stats=2048, n_test=1024, dense_keep=20, top_k=8, n_probes=4, graph_points=1,
                   edge_kinds=["lib", "lib_mse", "pca"],
                   llc_steps=_LLC_SMALL, llc_gammas={"model": [1000.0], "mlp": [1000.0]}, llc_n_steps=20,
-                  llc_burnin=5, llc_pairs=128, llc_nbeta=None, llc_chains=2),
+                  llc_burnin=5, llc_pairs=128, llc_batch=None, llc_nbeta=None, llc_chains=2),
 }
 
 
@@ -411,7 +411,8 @@ def run_llc(model_name: str, budget: dict[str, Any], *, seed: int = 0, setup: An
     model, every = su.model, su.every
     gen = torch.Generator().manual_seed(seed + 1)
     llc_tokens = every.tokens[torch.randperm(len(every), generator=gen)[: budget["llc_pairs"]]]
-    llc_data = tld.token_batches(model, llc_tokens, batch_size=len(llc_tokens), count="all", outputs="last")
+    llc_data = tld.token_batches(model, llc_tokens, batch_size=budget.get("llc_batch") or len(llc_tokens),
+                                 count="all", outputs="last")
     nbeta = float(budget.get("llc_nbeta") or len(llc_tokens))
     out = {}
     for name, params in (("model", "all"), ("mlp", "blocks.0.mlp")):
@@ -419,7 +420,8 @@ def run_llc(model_name: str, budget: dict[str, Any], *, seed: int = 0, setup: An
                                 localizations=budget["llc_gammas"][name], nbeta=nbeta,
                                 n_steps=budget["llc_n_steps"], n_burnin=budget["llc_burnin"],
                                 n_chains=budget["llc_chains"], params=params, loss="kl", seed=seed, progress=False)
-        out[name] = {"params": params, "nbeta": nbeta, "n_pairs": len(llc_tokens), "recommended": cal.recommended,
+        out[name] = {"params": params, "nbeta": nbeta, "n_pairs": len(llc_tokens),
+                     "batch_size": budget.get("llc_batch") or len(llc_tokens), "recommended": cal.recommended,
                      "reason": cal.reason, "cells": cal.rows()}
         _log(f"LLC {name}: {cal.recommended} ({cal.reason})")
     return out
