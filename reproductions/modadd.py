@@ -87,20 +87,24 @@ PAPER = {
 #: edge-ablation tolerance of the companion: held-out accuracy within 0.1%
 EDGE_TOLERANCE = 0.001
 
-#: LLC settings per part ("model", "mlp"): step sizes ε and localizations γ of calibrate_llc's grid
-_LLC_SMALL = {"model": [1e-6, 3e-6], "mlp": [1e-6, 3e-6]}
 BUDGETS = {
     # pairs for the statistics, held-out pairs for the ablations, largest k measured densely, probes,
-    # bases whose graphs and edges are computed, LLC grid and chain length
+    # bases whose graphs and edges are computed, and the LLC: pairs, minibatch, nβ ("p2" = the p² inputs of the
+    # task), localizations γ, chains, and per selection the calibration grid's step sizes and chain length.
+    # The full budget's LLC settings are llcmod's (/work/notes/llcmod/SETTINGS.md, found for the shipped model
+    # with calibrate_llc: both cells of each grid converged and flat at γ = 300; λ̂ still depends on γ, so it
+    # is quoted with γ and nβ).
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
                  edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
-                 llc_steps={"model": [3e-7, 1e-6], "mlp": [3e-7, 1e-6]},
-                 llc_gammas={"model": [1000.0], "mlp": [1000.0]}, llc_n_steps=300, llc_burnin=100,
-                 llc_pairs=512, llc_batch=None, llc_nbeta=None, llc_chains=4),
+                 llc_pairs=512, llc_batch=64, llc_nbeta="p2", llc_gammas=[300.0], llc_chains=4,
+                 llc={"model": dict(steps=[2e-6, 2.5e-6], n_steps=3200, n_burnin=2400),
+                      "mlp": dict(steps=[5e-6, 1e-5], n_steps=3200, n_burnin=1200)}),
+    # the small budget only exercises the code: its chains are far too short to converge
     "small": dict(n_stats=2048, n_test=1024, dense_keep=20, top_k=8, n_probes=4, graph_points=1,
                   edge_kinds=["lib", "lib_mse", "pca"],
-                  llc_steps=_LLC_SMALL, llc_gammas={"model": [1000.0], "mlp": [1000.0]}, llc_n_steps=20,
-                  llc_burnin=5, llc_pairs=128, llc_batch=None, llc_nbeta=None, llc_chains=2),
+                  llc_pairs=128, llc_batch=None, llc_nbeta=None, llc_gammas=[1000.0], llc_chains=2,
+                  llc={"model": dict(steps=[1e-6, 3e-6], n_steps=20, n_burnin=5),
+                       "mlp": dict(steps=[1e-6, 3e-6], n_steps=20, n_burnin=5)}),
 }
 
 
@@ -409,20 +413,21 @@ def run_llc(model_name: str, budget: dict[str, Any], *, seed: int = 0, setup: An
     its verdicts and, where a cell converged, the recommended estimate."""
     su = setup or _Setup(model_name, budget, seed)
     model, every = su.model, su.every
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed)  # a fresh generator: the same pairs whatever ran before
     llc_tokens = every.tokens[torch.randperm(len(every), generator=gen)[: budget["llc_pairs"]]]
     llc_data = tld.token_batches(model, llc_tokens, batch_size=budget.get("llc_batch") or len(llc_tokens),
                                  count="all", outputs="last")
-    nbeta = float(budget.get("llc_nbeta") or len(llc_tokens))
+    nbeta = float(len(every) if budget["llc_nbeta"] == "p2" else budget["llc_nbeta"] or len(llc_tokens))
     out = {}
     for name, params in (("model", "all"), ("mlp", "blocks.0.mlp")):
-        cal = tld.calibrate_llc(model, llc_data, step_sizes=budget["llc_steps"][name],
-                                localizations=budget["llc_gammas"][name], nbeta=nbeta,
-                                n_steps=budget["llc_n_steps"], n_burnin=budget["llc_burnin"],
+        grid = budget["llc"][name]
+        cal = tld.calibrate_llc(model, llc_data, step_sizes=grid["steps"], localizations=budget["llc_gammas"],
+                                nbeta=nbeta, n_steps=grid["n_steps"], n_burnin=grid["n_burnin"],
                                 n_chains=budget["llc_chains"], params=params, loss="kl", seed=seed, progress=False)
         out[name] = {"params": params, "nbeta": nbeta, "n_pairs": len(llc_tokens),
-                     "batch_size": budget.get("llc_batch") or len(llc_tokens), "recommended": cal.recommended,
-                     "reason": cal.reason, "cells": cal.rows()}
+                     "batch_size": budget.get("llc_batch") or len(llc_tokens), "n_steps": grid["n_steps"],
+                     "n_burnin": grid["n_burnin"], "recommended": cal.recommended, "reason": cal.reason,
+                     "cells": cal.rows()}
         _log(f"LLC {name}: {cal.recommended} ({cal.reason})")
     return out
 

@@ -202,7 +202,7 @@ def test_reproduction_end_to_end_small_budget(repro):
     small = repro.BUDGETS["small"]
     for name in ("model", "mlp"):
         cells = res["llc"][name]["cells"]
-        assert len(cells) == len(small["llc_steps"][name]) * len(small["llc_gammas"][name])
+        assert len(cells) == len(small["llc"][name]["steps"]) * len(small["llc_gammas"])
         assert all(c["verdict"] for c in cells)
     assert "| ln2.0 | PCA |" in repro.table([res])
 
