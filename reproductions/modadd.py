@@ -439,16 +439,16 @@ def _fmt(x: Any, spec: str = "") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def mean_sd(values: list[float | int | None]) -> str:
+def mean_sd(values: list[float | int | None], digits: int = 1) -> str:
     """``mean ± sd`` (sample standard deviation over seeds) of the values that exist; ``n/a`` if none."""
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return "n/a"
     m = sum(xs) / len(xs)
     if len(xs) == 1:
-        return f"{m:.1f}"
+        return f"{m:.{digits}f}"
     sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{m:.1f} ± {sd:.1f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 KIND_NAMES = {"lib": "LIB (kl)", "lib_mse": "LIB (mse)", "interaction": "global IB (kl)",
@@ -525,9 +525,9 @@ def table(results: list[dict[str, Any]]) -> str:
     lines += ["", "### Modules, neurons, LLC", "", "| quantity | " + " | ".join(labels) + " | mean ± sd |",
               "|---|" + "---|" * (len(results) + 1)]
 
-    def row(name: str, get: Any, num: Any = None) -> None:
+    def row(name: str, get: Any, num: Any = None, digits: int = 1) -> None:
         cells = [get(r) for r in results]
-        agg = mean_sd([num(r) for r in results]) if num else ""
+        agg = mean_sd([num(r) for r in results], digits) if num else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {agg} |")
 
     row("held-out accuracy", lambda r: f"{r['test_accuracy']:.4f}")
@@ -539,7 +539,7 @@ def table(results: list[dict[str, Any]]) -> str:
         row(f"AMI(module, frequency), {KIND_NAMES[kind]}, over clear nodes",
             lambda r, k=kind: f"{_fmt((r['modules'].get(k) or {}).get('ami'), '.2f')} "
                               f"({(r['modules'].get(k) or {}).get('n_clear_nodes')} nodes)",
-            lambda r, k=kind: (r["modules"].get(k) or {}).get("ami"))
+            lambda r, k=kind: (r["modules"].get(k) or {}).get("ami"), digits=2)
     row("neurons with a clear frequency / alive", lambda r: f"{r['neuron_sync']['n_clear_neurons']} / "
         f"{r['neuron_sync']['n_alive']}", lambda r: r["neuron_sync"]["n_clear_neurons"])
     row("neuron frequencies (count)", lambda r: ", ".join(f"{k}: {v}" for k, v in
@@ -549,7 +549,8 @@ def table(results: list[dict[str, Any]]) -> str:
         for t in r["neuron_sync"]["per_tau"][:: max(1, len(r["neuron_sync"]["per_tau"]) // 5)]))
     for name in ("model", "mlp"):
         row(f"KL LLC, {name}", lambda r, name=name: _llc((r.get("llc") or {}).get(name)),
-            lambda r, name=name: ((((r.get("llc") or {}).get(name) or {}).get("recommended")) or {}).get("llc"))
+            lambda r, name=name: ((((r.get("llc") or {}).get(name) or {}).get("recommended")) or {}).get("llc"),
+            digits=2)
     return "\n".join(lines) + "\n"
 
 
