@@ -228,3 +228,18 @@ def test_combine_makes_one_table_of_separate_runs(repro, tmp_path):
     k = one["sites"][site]["needed"]["pca"]
     assert f"| ln1.0 | PCA | {k}/{k + 2} | {k + 1:.1f} ± 1.4 |" in text
     assert len(json.loads((tmp_path / "all" / "results.json").read_text())["results"]) == 2
+
+
+def test_llc_into_replaces_only_the_llc(repro, tmp_path):
+    """``--llc-into`` reruns the LLC stage (here the small budget's) for each model of a results file."""
+    recorded = _recorded_shipped()
+    (tmp_path / "in.json").write_text(json.dumps({"env": {"date": "d"}, "results": [recorded]}))
+    assert repro.main(["--small", "--llc-into", str(tmp_path / "in.json"), "--out", str(tmp_path / "out")]) == 0
+    out = json.loads((tmp_path / "out" / "results.json").read_text())
+    res = out["results"][0]
+    small = repro.BUDGETS["small"]
+    for name in ("model", "mlp"):
+        assert len(res["llc"][name]["cells"]) == len(small["llc"][name]["steps"]) * len(small["llc_gammas"])
+        assert res["llc"][name]["n_pairs"] == small["llc_pairs"]
+    assert res["sites"] == recorded["sites"] and res["edges"] == recorded["edges"]  # the rest is kept
+    assert len(out["env"]) == 2 and out["env"][-1]["part"] == "llc"
