@@ -8,28 +8,42 @@ loads. For each site matching the companion's node layers
 - ``blocks.0.hook_resid_post`` (before the unembedding; ``unembed`` — the model has no LayerNorm),
 
 with every position's activation counted and the loss read at the answer position only
-(``count="all", outputs="last"``), it computes the global interaction basis (KL metric, ``estimator="topk"``),
-the local interaction basis (LIB) and PCA, and then:
+(``count="all", outputs="last"``), it computes the global interaction basis and the local interaction basis
+(LIB) for both output metrics, ``kl`` (``estimator="topk"``) and ``mse`` (the companion's identity metric on
+the logits; ``estimator="exact"``), and PCA, and then:
 
 - directions needed to keep the held-out accuracy within 1% of the unablated model
   (``ablation_curves(loss="top1")``, ``directions_needed(curve, 0.01)``);
 - the leading Fourier frequency of each kept direction: 2-D DFT of its coordinate over the p² inputs (a, b) at
   each position, power grouped by frequency (see :func:`frequency_power`), fraction of the non-constant power
   in the top frequency; a basis's Fourier sparsity is the mean of that fraction over its kept directions;
-- modules of the interaction graph of the kept LIB directions (``find_modules``) against the leading
-  frequencies: adjusted mutual information over nodes with a clear frequency (fraction ≥ ``CLEAR``);
+- for each basis, the interaction graph of its kept directions (integrated gradients) and the edges needed per
+  consecutive site pair to keep the held-out accuracy within 0.1% (``edges_needed(..., loss="top1",
+  tolerance=0.001)``, bisection); the companion's third pair, unembed → logits, cannot be formed (the logits
+  are not a site);
+- modules of each graph (``find_modules``) against the leading frequencies: adjusted mutual information over
+  nodes with a clear frequency (fraction ≥ ``CLEAR``);
 - ``neuron_sync`` blocks of the MLP and whether the neurons in a block share a leading frequency;
-- the KL behavioral LLC of the whole model and of the MLP alone, at the settings ``calibrate_llc`` recommends.
+- the KL behavioral LLC of the whole model and of the MLP alone: ``calibrate_llc``'s verdicts over the budget's
+  grid and, where it recommends a setting, that estimate.
 
-Run (all numbers in RESULTS.md came from the first form)::
+Each model's data are its own (``tld.modadd_data(model)`` reads the token file written beside the model's
+folder), so every seed is scored on its own held-out pairs.
 
-    python reproductions/modadd.py --out reproductions/out               # full budget
-    python reproductions/modadd.py --small --out /tmp/modadd-small        # the test's budget (≈ 1 min)
+Run (from the repository root; RESULTS.md says which command made its numbers)::
 
-It writes ``results.json`` and ``table.md`` into ``--out``. On TransformerLens 4.x ``hook_resid_mid`` cannot be
-the input side of a Jacobian cut (tld refuses it), so there the LIB chain and the graph use
-``resid_pre → resid_post`` and the LIB at ``resid_mid`` is reported as unavailable; TransformerLens 3.x
-computes all three (RESULTS.md was made on 3.x).
+    python reproductions/modadd.py --out runs/modadd                       # the shipped model, full budget
+    python reproductions/modadd.py --models modadd-113 seeds/s1/modadd-113 seeds/s2/modadd-113 --out runs/modadd
+    python reproductions/modadd.py --small --out /tmp/modadd-small          # the test's budget (≈ 1 min)
+    python reproductions/modadd.py --combine a/results.json b/results.json --out runs/all    # one table
+    python reproductions/modadd.py --llc-into runs/modadd/results.json --out runs/modadd-llc  # only the LLC
+
+Other seeds are made with ``python scripts/train_modadd.py --seed S --split-seed S --out seeds/sS``
+(deterministic; tens of minutes of CPU each). It writes ``results.json`` and ``table.md`` into ``--out``
+(``partial.json`` after every stage). On TransformerLens 4.x ``hook_resid_mid`` cannot be the input side of a
+Jacobian cut (tld refuses it), so there the LIB chain and the graphs use ``resid_pre → resid_post`` and the
+LIB at ``resid_mid`` is reported as unavailable; TransformerLens 3.x computes all three (RESULTS.md was made
+on 3.x).
 """
 
 from __future__ import annotations
@@ -70,15 +84,27 @@ PAPER = {
     "seed0_ln1.0_frequencies": [15, 1, 18, 56, 8, 36],
 }
 
+#: edge-ablation tolerance of the companion: held-out accuracy within 0.1%
+EDGE_TOLERANCE = 0.001
+
 BUDGETS = {
     # pairs for the statistics, held-out pairs for the ablations, largest k measured densely, probes,
-    # LLC grid and chain length
+    # bases whose graphs and edges are computed, and the LLC: pairs, minibatch, nβ ("p2" = the p² inputs of the
+    # task), localizations γ, chains, and per selection the calibration grid's step sizes and chain length.
+    # The full budget's LLC settings are llcmod's (/work/notes/llcmod/SETTINGS.md, found for the shipped model
+    # with calibrate_llc: both cells of each grid converged and flat at γ = 300; λ̂ still depends on γ, so it
+    # is quoted with γ and nβ).
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
-                 llc_steps=[3e-7, 1e-6], llc_gammas=[1000.0], llc_n_steps=300, llc_burnin=100,
-                 llc_pairs=512, llc_chains=4),
+                 edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
+                 llc_pairs=512, llc_batch=64, llc_nbeta="p2", llc_gammas=[300.0], llc_chains=4,
+                 llc={"model": dict(steps=[2e-6, 2.5e-6], n_steps=3200, n_burnin=2400),
+                      "mlp": dict(steps=[5e-6, 1e-5], n_steps=3200, n_burnin=1200)}),
+    # the small budget only exercises the code: its chains are far too short to converge
     "small": dict(n_stats=2048, n_test=1024, dense_keep=20, top_k=8, n_probes=4, graph_points=1,
-                  llc_steps=[1e-6, 3e-6], llc_gammas=[1000.0], llc_n_steps=20, llc_burnin=5,
-                  llc_pairs=128, llc_chains=2),
+                  edge_kinds=["lib", "lib_mse", "pca"],
+                  llc_pairs=128, llc_batch=None, llc_nbeta=None, llc_gammas=[1000.0], llc_chains=2,
+                  llc={"model": dict(steps=[1e-6, 3e-6], n_steps=20, n_burnin=5),
+                       "mlp": dict(steps=[1e-6, 3e-6], n_steps=20, n_burnin=5)}),
 }
 
 
@@ -202,51 +228,91 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = None) -> dict[str, Any]:
+def model_info(name: str) -> dict[str, Any]:
+    """Where a model given to ``--models`` lives and how it was trained (its ``training_summary.json``)."""
+    folder = Path(name) if Path(name).is_dir() else tld.bundled_model_path().parent / name
+    info: dict[str, Any] = {"folder": str(folder), "seed": None, "split_seed": None, "weight_decay": None,
+                            "steps": None}
+    summary = folder / "training_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        info.update(seed=s.get("seed"), split_seed=s.get("split_seed"), steps=s.get("steps"),
+                    weight_decay=(s.get("optimizer") or {}).get("weight_decay"),
+                    train_minutes=s.get("train_minutes"))
+    return info
+
+
+def _label(res: dict[str, Any]) -> str:
+    info = res.get("info") or {}
+    if info.get("seed") is None:
+        return res["model"]
+    return f"seed {info['seed']} (wd {info['weight_decay']:g})"
+
+
+class _Setup:
+    """The model, its data (its own token file: ``tld.modadd_data`` follows the model) and the batches."""
+
+    def __init__(self, model_name: str, budget: dict[str, Any], seed: int) -> None:
+        self.model = tld.load_model(model_name)
+        self.every = tld.modadd_data(self.model)
+        self.p = self.every.p
+        self.test = tld.modadd_data(self.model, split="test")
+        self.gen = torch.Generator().manual_seed(seed)
+        every, test = self.every, self.test
+        self.stats_tokens = every.tokens if budget["n_stats"] is None else every.tokens[
+            torch.randperm(len(every), generator=self.gen)[: budget["n_stats"]].sort().values]
+        self.test_tokens = test.tokens if budget["n_test"] is None else test.tokens[
+            torch.randperm(len(test), generator=self.gen)[: budget["n_test"]].sort().values]
+        self.data = tld.token_batches(self.model, self.stats_tokens, batch_size=1024, count="all", outputs="last")
+        self.test_data = tld.token_batches(self.model, self.test_tokens, batch_size=2048, count="all",
+                                           outputs="last")
+
+
+def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = None,
+        llc: bool = True) -> dict[str, Any]:
     """Everything the table needs, for one model (see the module docstring).
 
     ``save(partial_results)`` (optional) is called after every stage, so a long run leaves what it finished.
+    ``llc=False`` leaves the LLC out (:func:`run_llc` adds it later).
     """
     save = save or (lambda _res: None)
     t_start = time.perf_counter()
-    model = tld.load_model(model_name)
-    every = tld.modadd_data(model)
-    p = every.p
-    test = tld.modadd_data(model, split="test")
-    gen = torch.Generator().manual_seed(seed)
-    stats_tokens = every.tokens if budget["n_stats"] is None else every.tokens[
-        torch.randperm(len(every), generator=gen)[: budget["n_stats"]].sort().values]
-    test_tokens = test.tokens if budget["n_test"] is None else test.tokens[
-        torch.randperm(len(test), generator=gen)[: budget["n_test"]].sort().values]
-    data = tld.token_batches(model, stats_tokens, batch_size=1024, count="all", outputs="last")
-    test_data = tld.token_batches(model, test_tokens, batch_size=2048, count="all", outputs="last")
-    res: dict[str, Any] = {"model": model_name, "p": p, "test_accuracy": test.accuracy(model),
-                           "n_stats_pairs": int(stats_tokens.shape[0]), "n_test_pairs": int(test_tokens.shape[0]),
-                           "budget": budget}
+    su = _Setup(model_name, budget, seed)
+    model, data, test_data, p = su.model, su.data, su.test_data, su.p
+    res: dict[str, Any] = {"model": model_name, "info": model_info(model_name), "p": p,
+                           "test_accuracy": su.test.accuracy(model), "n_stats_pairs": int(su.stats_tokens.shape[0]),
+                           "n_test_pairs": int(su.test_tokens.shape[0]), "budget": budget}
     _log(f"model {model_name}: p = {p}, held-out accuracy {res['test_accuracy']:.4f}")
 
+    # statistics: KL metric (top-k estimator) with the neuron synchronisation sums; MSE metric (exact: the
+    # identity metric on the p answer logits costs p backward passes per batch)
     stats = tld.collect(model, data, sites=[*SITES, MLP_SITE], jacobian="kl", estimator="topk",
                         top_k=budget["top_k"], n_probes=budget["n_probes"], seed=seed, neuron_sync=True,
                         sync_layers=[0], progress=False)
-    _log("statistics collected")
-    bases: dict[str, dict[str, Any]] = {"interaction": tld.interaction_bases(stats, sites=list(SITES))}
+    stats_mse = tld.collect(model, data, sites=list(SITES), jacobian="mse", estimator="exact", seed=seed,
+                            progress=False, allow_expensive=True)
+    _log("statistics collected (kl, mse)")
+    bases: dict[str, dict[str, Any]] = {"interaction": tld.interaction_bases(stats, sites=list(SITES)),
+                                        "interaction_mse": tld.interaction_bases(stats_mse, sites=list(SITES))}
     bases["pca"] = {s: tld.pca_basis(stats.gram(s, centered=True), mean=stats.mean(s)) for s in SITES}
+    lib_sites = list(SITES)
     try:
-        lib_sites = list(SITES)
-        bases["lib"] = tld.local_interaction_bases(model, data, lib_sites, stats=stats,
-                                                   n_probes=budget["n_probes"], seed=seed)
+        for kind, st in (("lib", stats), ("lib_mse", stats_mse)):
+            bases[kind] = tld.local_interaction_bases(model, data, lib_sites, stats=st,
+                                                      n_probes=budget["n_probes"], seed=seed)
         res["lib_note"] = None
     except tld.BadInputError as err:  # TransformerLens 4.x: resid_mid cannot be cut
         lib_sites = [SITES[0], SITES[2]]
-        bases["lib"] = tld.local_interaction_bases(model, data, lib_sites, stats=stats,
-                                                   n_probes=budget["n_probes"], seed=seed)
+        for kind, st in (("lib", stats), ("lib_mse", stats_mse)):
+            bases[kind] = tld.local_interaction_bases(model, data, lib_sites, stats=st,
+                                                      n_probes=budget["n_probes"], seed=seed)
         res["lib_note"] = f"LIB chain resid_pre → resid_post only ({err})"
     res["lib_sites"] = lib_sites
     _log("bases built")
 
     # node ablation: directions needed for the held-out accuracy within 1%
     res["sites"] = {}
-    all_tokens = every.tokens
+    all_tokens = su.every.tokens
     for site in SITES:
         present = {kind: b[site] for kind, b in bases.items() if site in b}
         row: dict[str, Any] = {"label": SITE_LABELS[site], "dims": {k: b.dim for k, b in present.items()}}
@@ -274,30 +340,27 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = N
         _log(f"{site}: needed {row['needed']}")
         save(res)
 
-    # modules of the interaction graph of the kept LIB directions vs their frequencies
-    kept = {}
-    for site in lib_sites:
-        k = res["sites"][site]["needed"]["lib"] or bases["lib"][site].dim
-        kept[site] = _truncate(bases["lib"][site], max(k, 1))
-    graph = tld.interaction_graph(model, data, kept, lib_sites, method="integrated",
-                                  n_points=budget["graph_points"], estimator="exact")
-    top_edge = max(float(e.max()) for e in graph.edges.values())
-    eps = 1e-3 * top_edge
-    mods = tld.find_modules(graph, eps=eps, seed=seed)
-    mod_labels, freq_labels = [], []
-    for site in lib_sites:
-        lead = res["sites"][site]["fourier"]["lib"]["leading"]
-        for i, module in enumerate(mods.labels[site].tolist()):
-            if i < len(lead) and lead[i]["fraction"] >= CLEAR:
-                mod_labels.append(module)
-                freq_labels.append(lead[i]["frequency"])
-    res["modules"] = {
-        "eps": eps, "eps_rule": "1e-3 x the largest edge", "n_modules": mods.n_modules, "cost": mods.cost,
-        "labels": {s: mods.labels[s].tolist() for s in lib_sites}, "n_clear_nodes": len(mod_labels),
-        "ami": adjusted_mutual_information(mod_labels, freq_labels) if len(mod_labels) >= 2 else None,
-    }
-    _log(f"modules: {mods.n_modules}, AMI {res['modules']['ami']}")
-    save(res)
+    # graphs of the kept directions; edges needed (edge ablation, held-out accuracy within 0.1%) and modules
+    res["edges"], res["modules"] = {}, {}
+    for kind in budget["edge_kinds"]:
+        kept = {}
+        for site in lib_sites:
+            k = res["sites"][site]["needed"][kind]
+            kept[site] = _truncate(bases[kind][site], max(k if k is not None else bases[kind][site].dim, 1))
+        graph = tld.interaction_graph(model, data, kept, lib_sites, method="integrated",
+                                      n_points=budget["graph_points"], estimator="exact")
+        pairs = []
+        for a, b in zip(lib_sites, lib_sites[1:], strict=False):
+            needed = tld.edges_needed(model, test_data, kept, graph, pair=(a, b), tolerance=EDGE_TOLERANCE,
+                                      loss="top1", progress=False)
+            pairs.append({"pair": f"{SITE_LABELS[a]}→{SITE_LABELS[b]}", "n_edges": needed.n_edges,
+                          "n_total": needed.n_total, "dims": needed.meta["dims"], "probed": needed.probed,
+                          "top1": [float(x) for x in needed.loss]})
+        res["edges"][kind] = {"pairs": pairs, "total": sum(x["n_edges"] for x in pairs)}
+        res["modules"][kind] = _modules(graph, res, kind, lib_sites, seed)
+        _log(f"{kind}: edges needed {[x['n_edges'] for x in pairs]}, modules {res['modules'][kind]['n_modules']}, "
+             f"AMI {res['modules'][kind]['ami']}")
+        save(res)
 
     # synchronised neurons vs their frequencies
     ns = tld.neuron_sync(stats, 0)
@@ -321,22 +384,52 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = N
     res["neuron_sync"] = sync
     _log("neuron sync done")
     save(res)
-
-    # KL behavioral LLC of the whole model and of the MLP alone
-    llc_tokens = every.tokens[torch.randperm(len(every), generator=gen)[: budget["llc_pairs"]]]
-    llc_data = tld.token_batches(model, llc_tokens, batch_size=len(llc_tokens), count="all", outputs="last")
-    res["llc"] = {}
-    for name, params in (("model", "all"), ("mlp", "blocks.0.mlp")):
-        cal = tld.calibrate_llc(model, llc_data, step_sizes=budget["llc_steps"], localizations=budget["llc_gammas"],
-                                nbeta=float(len(llc_tokens)), n_steps=budget["llc_n_steps"],
-                                n_burnin=budget["llc_burnin"], n_chains=budget["llc_chains"], params=params,
-                                loss="kl", seed=seed, progress=False)
-        res["llc"][name] = {"params": params, "nbeta": float(len(llc_tokens)), "recommended": cal.recommended,
-                            "reason": cal.reason, "cells": cal.rows()}
-        _log(f"LLC {name}: {cal.recommended} ({cal.reason})")
+    if llc:
+        res["llc"] = run_llc(model_name, budget, seed=seed, setup=su)
         save(res)
     res["seconds"] = time.perf_counter() - t_start
     return res
+
+
+def _modules(graph: Any, res: dict[str, Any], kind: str, sites: list[str], seed: int) -> dict[str, Any]:
+    """Modules of a graph (ε = 1e-3 × its largest edge) and their AMI with the nodes' leading frequencies."""
+    top_edge = max(float(e.max()) for e in graph.edges.values())
+    eps = 1e-3 * top_edge
+    mods = tld.find_modules(graph, eps=eps, seed=seed)
+    mod_labels, freq_labels = [], []
+    for site in sites:
+        lead = res["sites"][site]["fourier"][kind]["leading"]
+        for i, module in enumerate(mods.labels[site].tolist()):
+            if i < len(lead) and lead[i]["fraction"] >= CLEAR:
+                mod_labels.append(module)
+                freq_labels.append(lead[i]["frequency"])
+    return {"eps": eps, "eps_rule": "1e-3 x the largest edge", "n_modules": mods.n_modules, "cost": mods.cost,
+            "labels": {s: mods.labels[s].tolist() for s in sites}, "n_clear_nodes": len(mod_labels),
+            "ami": adjusted_mutual_information(mod_labels, freq_labels) if len(mod_labels) >= 2 else None}
+
+
+def run_llc(model_name: str, budget: dict[str, Any], *, seed: int = 0, setup: Any = None) -> dict[str, Any]:
+    """The KL behavioral LLC of the whole model and of the MLP alone: ``calibrate_llc`` over the budget's grid,
+    its verdicts and, where a cell converged, the recommended estimate."""
+    su = setup or _Setup(model_name, budget, seed)
+    model, every = su.model, su.every
+    gen = torch.Generator().manual_seed(seed)  # a fresh generator: the same pairs whatever ran before
+    llc_tokens = every.tokens[torch.randperm(len(every), generator=gen)[: budget["llc_pairs"]]]
+    llc_data = tld.token_batches(model, llc_tokens, batch_size=budget.get("llc_batch") or len(llc_tokens),
+                                 count="all", outputs="last")
+    nbeta = float(len(every) if budget["llc_nbeta"] == "p2" else budget["llc_nbeta"] or len(llc_tokens))
+    out = {}
+    for name, params in (("model", "all"), ("mlp", "blocks.0.mlp")):
+        grid = budget["llc"][name]
+        cal = tld.calibrate_llc(model, llc_data, step_sizes=grid["steps"], localizations=budget["llc_gammas"],
+                                nbeta=nbeta, n_steps=grid["n_steps"], n_burnin=grid["n_burnin"],
+                                n_chains=budget["llc_chains"], params=params, loss="kl", seed=seed, progress=False)
+        out[name] = {"params": params, "nbeta": nbeta, "n_pairs": len(llc_tokens),
+                     "batch_size": budget.get("llc_batch") or len(llc_tokens), "n_steps": grid["n_steps"],
+                     "n_burnin": grid["n_burnin"], "recommended": cal.recommended, "reason": cal.reason,
+                     "cells": cal.rows()}
+        _log(f"LLC {name}: {cal.recommended} ({cal.reason})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,89 +439,199 @@ def _fmt(x: Any, spec: str = "") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def mean_sd(values: list[float | int | None], digits: int = 1) -> str:
+    """``mean ± sd`` (sample standard deviation over seeds) of the values that exist; ``n/a`` if none."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return "n/a"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+KIND_NAMES = {"lib": "LIB (kl)", "lib_mse": "LIB (mse)", "interaction": "global IB (kl)",
+              "interaction_mse": "global IB (mse)", "pca": "PCA"}
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: our seeds beside the companion's published figures."""
-    lines = [f"Seeds: {len(results)} ({', '.join(r['model'] for r in results)}). "
+    """Markdown: our seeds (each, and mean ± sd) beside the companion's published figures."""
+    labels = [_label(r) for r in results]
+    which = "; ".join(f"{lab}: {r['model']}" for lab, r in zip(labels, results, strict=True))
+    lines = [f"Seeds: {len(results)} ({which}). "
              f"Companion: 5 seeds, directions out of {PAPER['of']} (with the constant direction; ours are "
-             "centred, out of 128).", "",
-             "| site | basis | ours: directions needed (per seed) | companion (5 seeds) | our dims | "
-             "mean top-frequency power share of kept directions | kept directions with a clear frequency |",
-             "|---|---|---|---|---|---|---|"]
+             "centred, out of 128). The companion's metric is the identity on the logits (our `mse`).", "",
+             "### Directions needed (held-out top-1 answers changed on ≤ 1% of pairs)", "",
+             "| site | basis | ours, per seed | ours, mean ± sd | companion, 5 seeds (mean) | our dims | "
+             "mean top-frequency share of kept directions | kept directions with a clear frequency |",
+             "|---|---|---|---|---|---|---|---|"]
     for site in SITES:
         label = SITE_LABELS[site]
-        for kind in ("lib", "interaction", "pca"):
+        for kind in KIND_NAMES:
+            if not any(kind in r["sites"][site]["needed"] for r in results):
+                continue
             ours = [r["sites"][site]["needed"].get(kind) for r in results]
-            paper = PAPER["directions_needed"].get(kind, {}).get(label)
+            paper = PAPER["directions_needed"].get(kind.replace("_mse", ""), {}).get(label) \
+                if kind in ("lib_mse", "pca") else None
             four = [r["sites"][site]["fourier"].get(kind) for r in results]
             dims = [r["sites"][site]["dims"].get(kind) for r in results]
             share = "/".join(_fmt(f and f["mean_top_fraction"], ".2f") for f in four)
             clear = "/".join("n/a" if f is None else f"{f['n_clear']}" for f in four)
-            lines.append(f"| {label} | {kind} | {'/'.join(_fmt(x) for x in ours)} | "
-                         f"{'/'.join(map(str, paper)) if paper else '—'} | {'/'.join(_fmt(d) for d in dims)} | "
-                         f"{share} | {clear} |")
-    lines += ["", "Leading frequencies of the kept directions (in order of the basis), seed by seed:", ""]
+            ptxt = f"{'/'.join(map(str, paper))} ({sum(paper) / len(paper):.1f})" if paper else "—"
+            lines.append(f"| {label} | {KIND_NAMES[kind]} | {'/'.join(_fmt(x) for x in ours)} | {mean_sd(ours)} | "
+                         f"{ptxt} | {'/'.join(_fmt(d) for d in dims)} | {share} | {clear} |")
+    lines += ["", "The companion's LIB and PCA columns are set beside our `mse` LIB and PCA (their metric).", "",
+              "### Edges needed (edge ablation by bisection, held-out top-1 answers changed on ≤ 0.1% of pairs)", "",
+              "Graph of each basis with its kept directions as nodes (integrated gradients); the companion's third "
+              "pair, unembed → output logits, is not a pair we can form (the logits are not a site), so totals "
+              "are over the first two pairs; the companion's total over those two is given beside its total of "
+              "three.", "",
+              "| pair | basis | ours, per seed (of k_A·k_B) | ours, mean ± sd | companion, mean of 5 |",
+              "|---|---|---|---|---|"]
+    kinds = [k for k in KIND_NAMES if any(k in (r.get("edges") or {}) for r in results)]
+    pair_names = []
     for r in results:
+        for k in kinds:
+            for x in r.get("edges", {}).get(k, {}).get("pairs", []):
+                if x["pair"] not in pair_names:
+                    pair_names.append(x["pair"])
+    for i, pair in enumerate(pair_names):
+        for kind in kinds:
+            vals, cells = [], []
+            for r in results:
+                x = next((x for x in r.get("edges", {}).get(kind, {}).get("pairs", []) if x["pair"] == pair), None)
+                vals.append(None if x is None else x["n_edges"])
+                cells.append("n/a" if x is None else f"{x['n_edges']} ({x['n_total']})")
+            paper = PAPER["edges_needed_mean"].get(kind.replace("_mse", "")) if kind in ("lib_mse", "pca") else None
+            lines.append(f"| {pair} | {KIND_NAMES[kind]} | {' / '.join(cells)} | {mean_sd(vals)} | "
+                         f"{paper[i] if paper and i < len(paper) else '—'} |")
+    for kind in kinds:
+        totals = [r.get("edges", {}).get(kind, {}).get("total") for r in results]
+        paper = PAPER["edges_needed_mean"].get(kind.replace("_mse", "")) if kind in ("lib_mse", "pca") else None
+        ptxt = (f"{sum(paper[:len(pair_names)]):.1f} (all three pairs: {sum(paper):.1f})" if paper else "—")
+        lines.append(f"| total | {KIND_NAMES[kind]} | {' / '.join(_fmt(t) for t in totals)} | {mean_sd(totals)} | "
+                     f"{ptxt} |")
+
+    lines += ["", "### Leading frequencies of the kept directions (in order of the basis), seed by seed", ""]
+    for lab, r in zip(labels, results, strict=True):
         for site in SITES:
-            for kind in ("lib", "pca"):
+            for kind in ("lib", "lib_mse", "pca"):
                 f = r["sites"][site]["fourier"].get(kind)
                 if f:
                     fr = ", ".join(f"{d['frequency']} ({d['fraction']:.2f})" for d in f["leading"])
-                    lines.append(f"- {r['model']} {SITE_LABELS[site]} {kind}: {fr}")
+                    lines.append(f"- {lab} {SITE_LABELS[site]} {KIND_NAMES[kind]}: {fr}")
     lines.append(f"- companion seed 0 ln1.0 (LIB): {', '.join(map(str, PAPER['seed0_ln1.0_frequencies']))}")
-    lines += ["", "| quantity | " + " | ".join(r["model"] for r in results) + " |",
-              "|---|" + "---|" * len(results)]
+    lines += ["", "### Modules, neurons, LLC", "", "| quantity | " + " | ".join(labels) + " | mean ± sd |",
+              "|---|" + "---|" * (len(results) + 1)]
 
-    def row(name: str, get: Any) -> None:
-        lines.append(f"| {name} | " + " | ".join(get(r) for r in results) + " |")
+    def row(name: str, get: Any, num: Any = None, digits: int = 1) -> None:
+        cells = [get(r) for r in results]
+        agg = mean_sd([num(r) for r in results], digits) if num else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {agg} |")
 
     row("held-out accuracy", lambda r: f"{r['test_accuracy']:.4f}")
-    row("modules (LIB graph, ε = 1e-3·max edge)", lambda r: str(r["modules"]["n_modules"]))
-    row("AMI(module, frequency) over clear nodes", lambda r: f"{_fmt(r['modules']['ami'], '.3f')} "
-        f"({r['modules']['n_clear_nodes']} nodes)")
+    row("training steps", lambda r: _fmt((r.get("info") or {}).get("steps")))
+    for kind in [k for k in KIND_NAMES if any(k in (r.get("modules") or {}) for r in results)]:
+        row(f"modules, {KIND_NAMES[kind]} graph (ε = 1e-3·max edge)",
+            lambda r, k=kind: _fmt((r["modules"].get(k) or {}).get("n_modules")),
+            lambda r, k=kind: (r["modules"].get(k) or {}).get("n_modules"))
+        row(f"AMI(module, frequency), {KIND_NAMES[kind]}, over clear nodes",
+            lambda r, k=kind: f"{_fmt((r['modules'].get(k) or {}).get('ami'), '.2f')} "
+                              f"({(r['modules'].get(k) or {}).get('n_clear_nodes')} nodes)",
+            lambda r, k=kind: (r["modules"].get(k) or {}).get("ami"), digits=2)
     row("neurons with a clear frequency / alive", lambda r: f"{r['neuron_sync']['n_clear_neurons']} / "
-        f"{r['neuron_sync']['n_alive']}")
+        f"{r['neuron_sync']['n_alive']}", lambda r: r["neuron_sync"]["n_clear_neurons"])
     row("neuron frequencies (count)", lambda r: ", ".join(f"{k}: {v}" for k, v in
                                                           r["neuron_sync"]["neuron_frequencies"].items()))
     row("neuron_sync blocks of ≥ 2 sharing one frequency (τ: blocks)", lambda r: "; ".join(
         f"τ={t['tau']:.2g}: {t['blocks_one_frequency']}/{t['n_blocks']}"
         for t in r["neuron_sync"]["per_tau"][:: max(1, len(r["neuron_sync"]["per_tau"]) // 5)]))
     for name in ("model", "mlp"):
-        row(f"KL LLC, {name} (recommended setting)", lambda r, name=name: _llc(r["llc"][name]))
-    row("edges needed", lambda r: "not computed (edge ablation not on main yet)")
+        row(f"KL LLC, {name}", lambda r, name=name: _llc((r.get("llc") or {}).get(name)),
+            lambda r, name=name: ((((r.get("llc") or {}).get(name) or {}).get("recommended")) or {}).get("llc"),
+            digits=2)
     return "\n".join(lines) + "\n"
 
 
-def _llc(entry: dict[str, Any]) -> str:
+def _llc(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "not run"
+    cells = entry["cells"]
+    verdicts = ", ".join(f"ε={c['step_size']:g} γ={c['localization']:g}: {c['verdict'].split(';')[0]}"
+                         for c in cells)
     rec = entry["recommended"]
     if rec is None:
-        return f"no recommendation: {entry['reason']}"
+        return f"no recommendation: {entry['reason']} [{verdicts}]"
     return (f"{rec['llc']:.1f} ± {rec['llc_se']:.1f} (ε = {rec['step_size']:g}, γ = {rec['localization']:g}, "
-            f"nβ = {entry['nbeta']:g})")
+            f"nβ = {entry['nbeta']:g}) [{verdicts}]")
+
+
+def _environment() -> dict[str, Any]:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "tl_degeneracy": tld.__version__,
+            "transformer_lens": _tl_version(), "threads": torch.get_num_threads(), "load": os.getloadavg(),
+            "command": " ".join(sys.argv)}
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
+def _write(out: Path, results: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    (out / "table.md").write_text(table(results))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["modadd-113"],
-                    help="bundled model names or folders, one per seed (default: the shipped modadd-113)")
+                    help="bundled model names or train_modadd.py model folders, one per seed (default: the "
+                         "shipped modadd-113); each model's own token file (beside its folder) is used")
     ap.add_argument("--small", action="store_true", help="the test suite's small budget (≈ 1 min)")
+    ap.add_argument("--no-llc", action="store_true", help="leave the LLC out (add it later with --llc-into)")
+    ap.add_argument("--llc-into", type=Path, default=None,
+                    help="a results.json: (re)compute only the LLC of each of its models and write the result "
+                         "into --out")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="results.json files of runs made separately (e.g. one seed each): one table of all")
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json and table.md")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     budget = BUDGETS["small" if args.small else "full"]
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
+    if args.combine:
+        envs = []
+        for path in args.combine:
+            loaded = json.loads(path.read_text())
+            results += loaded["results"]
+            envs += loaded["env"] if isinstance(loaded["env"], list) else [loaded["env"]]
+        _write(args.out, results, envs)
+        print(table(results))
+        return 0
+    if args.llc_into:
+        loaded = json.loads(args.llc_into.read_text())
+        envs = loaded["env"] if isinstance(loaded["env"], list) else [loaded["env"]]
+        for res in loaded["results"]:
+            start = time.perf_counter()
+            res["llc"] = run_llc(res["model"], budget)
+            res["llc_seconds"] = time.perf_counter() - start
+            res["llc_budget"] = {k: v for k, v in budget.items() if k.startswith("llc")}
+            results.append(res)
+        _write(args.out, results, [*envs, {**_environment(), "part": "llc"}])
+        print(table(results))
+        return 0
 
     def save(partial: dict[str, Any]) -> None:
         (args.out / "partial.json").write_text(json.dumps({"done": results, "running": partial}, indent=1))
 
     for m in args.models:
-        results.append(run(m, budget, save=save))
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch": torch.__version__, "tl_degeneracy": tld.__version__,
-           "threads": torch.get_num_threads(), "load": os.getloadavg(), "command": " ".join(sys.argv)}
-    (args.out / "results.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    (args.out / "table.md").write_text(table(results))
+        results.append(run(m, budget, save=save, llc=not args.no_llc))
+    _write(args.out, results, _environment())
     print(table(results))
     return 0
 

@@ -44,7 +44,8 @@ Determinism
 Output (``--out``, default the repository's ``tl_degeneracy/bundled/``)
     ``modadd-{p}/model.safetensors``   the weights, TransformerLens ``HookedTransformer`` state-dict
                                        names and shapes (``blocks.0.attn.W_Q`` [n_heads, d_model, d_head]...)
-    ``modadd-{p}/config.json``         the ``HookedTransformerConfig`` fields, ``p`` and the task's layout
+    ``modadd-{p}/config.json``         the ``HookedTransformerConfig`` fields, ``p``, the task's layout and
+                                       its split (seed, fraction, SHA-256 of ``is_train``: ``split_digest``)
     ``modadd-{p}/training_summary.json``  seeds, steps, seconds, final losses and accuracies, the
                                        curve at every check, versions, machine, date
     ``modadd-{p}-tokens.safetensors``  ``tokens`` [p², 3] int32, ``labels`` [p²] int32,
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -275,6 +277,13 @@ def train(
     return w, summary
 
 
+def split_digest(is_train: torch.Tensor) -> str:
+    """SHA-256 (hex) of the ``is_train`` mask as bytes 0/1: the split's identity in ``config.json``
+    (``tl_degeneracy.data.split_digest`` computes the same; ``tld.modadd_data`` refuses a token file whose
+    split has another digest than the model's folder records)."""
+    return hashlib.sha256(is_train.to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+
+
 def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: int, frac_train: float) -> Path:
     """Write the model folder and the token file under ``out``; returns the model folder."""
     from safetensors.torch import save_file
@@ -283,6 +292,8 @@ def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: in
     folder = out / f"modadd-{p}"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in sorted(w.items())}, str(folder / "model.safetensors"))
+    tokens, labels = all_pairs(p)
+    is_train = train_mask(p, frac_train=frac_train, split_seed=split_seed)
     config = {
         **model_config(p),
         "tl_degeneracy_format": FORMAT,
@@ -292,11 +303,11 @@ def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: in
             "input": "[a, b, p] (tokens 0..p-1 are numbers, token p is '=')",
             "answer": "(a + b) mod p, read at the last position (index 2), logits over the p number tokens",
             "tokens_file": f"modadd-{p}-tokens.safetensors",
+            "split": {"split_seed": split_seed, "frac_train": frac_train, "n_train": int(is_train.sum()),
+                      "is_train_sha256": split_digest(is_train)},
         },
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    tokens, labels = all_pairs(p)
-    is_train = train_mask(p, frac_train=frac_train, split_seed=split_seed)
     info = {
         "p": p,
         "rows": "row a * p + b holds [a, b, p]; labels (a + b) mod p; is_train marks the training pairs",

@@ -161,6 +161,8 @@ def test_script_smoke_run_on_tiny_p(tmp_path):
     model = tld.load_model(folder)
     data = tld.modadd_data(model, split="test", path=tmp_path / "modadd-13-tokens.safetensors")
     assert data.accuracy(model) == pytest.approx(summary["final"]["test_accuracy"], abs=1e-6)
+    recorded = json.loads((folder / "config.json").read_text())["task"]["split"]
+    assert recorded["is_train_sha256"] == tld.data.split_digest(tld.modadd_data(model).is_train)
     check = summary["transformer_lens_check"]
     assert check["max_abs_logit_difference"] < 1e-4 and check["argmax_agreement"] == 1.0
 
@@ -198,3 +200,72 @@ def test_training_script_reproduces_shipped_model(tmp_path):
         shipped = load_file(str(MODEL_DIR / "model.safetensors"))
         again = load_file(str(folder / "model.safetensors"))
         assert max((shipped[k] - again[k]).abs().max().item() for k in shipped) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the data follow the model: a model loaded from another folder gets the split of the token file beside it
+# ---------------------------------------------------------------------------------------------------------
+def _copy_with_split(tmp_path: Path, is_train: torch.Tensor, *, record_split: bool) -> Path:
+    """The shipped model copied to ``tmp_path/modadd-113`` with a token file of another split beside it."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "modadd-113"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes((MODEL_DIR / "model.safetensors").read_bytes())
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    config["task"].pop("split", None)
+    if record_split:
+        config["task"]["split"] = {"is_train_sha256": tld.data.split_digest(is_train)}
+    (folder / "config.json").write_text(json.dumps(config))
+    entries = load_file(str(TOKENS))
+    save_file({**entries, "is_train": is_train}, str(tmp_path / "modadd-113-tokens.safetensors"))
+    return folder
+
+
+@pytest.mark.tl3
+def test_modadd_data_reads_the_token_file_beside_the_model(tmp_path):
+    """A model from another folder (another seed) must get its own split, not the bundled one's."""
+    shipped = load_file(str(TOKENS))["is_train"]
+    other = shipped.flip(0)  # same size, a different split
+    assert not torch.equal(other, shipped)
+    for record_split in (False, True):
+        folder = _copy_with_split(tmp_path / str(record_split), other, record_split=record_split)
+        model = tld.load_model(folder)
+        assert torch.equal(tld.modadd_data(model).is_train, other)
+        test = tld.modadd_data(model, split="test")
+        assert not bool(test.is_train.any()) and len(test) == int((~other).sum())
+
+
+@pytest.mark.tl3
+def test_modadd_data_refuses_a_token_file_of_another_split(tmp_path):
+    shipped = load_file(str(TOKENS))["is_train"]
+    folder = _copy_with_split(tmp_path, shipped.flip(0), record_split=True)
+    model = tld.load_model(folder)
+    with pytest.raises(BadInputError, match="another train/test split"):
+        tld.modadd_data(model, path=TOKENS)  # the bundled file: seed 0's split, not this model's
+    bundled = tld.load_model("modadd-113")  # the shipped config records its split: the shipped file fits
+    assert torch.equal(tld.modadd_data(bundled, path=TOKENS).is_train, shipped)
+    with pytest.raises(BadInputError, match="another train/test split"):
+        tld.modadd_data(bundled, path=tmp_path / "modadd-113-tokens.safetensors")
+
+
+@pytest.mark.tl3
+def test_modadd_data_refuses_to_guess_the_split_of_an_unknown_model(tmp_path):
+    """A model not loaded from a train_modadd folder: no silent default to the bundled split."""
+    import copy
+
+    model = copy.deepcopy(tld.load_model("modadd-113"))  # not the loaded object: its origin is unknown
+    with pytest.raises(BadInputError, match="path="):
+        tld.modadd_data(model)
+    assert len(tld.modadd_data(model, path=TOKENS)) == P * P  # an explicit file is the user's statement
+    folder = _copy_with_split(tmp_path, load_file(str(TOKENS))["is_train"], record_split=False)
+    (tmp_path / "modadd-113-tokens.safetensors").unlink()
+    with pytest.raises(BadInputError, match="not found"):
+        tld.modadd_data(tld.load_model(folder))
+
+
+def test_split_digest_matches_the_training_script(tmp_path):
+    entries = load_file(str(TOKENS))
+    mask = entries["is_train"]
+    assert _script().split_digest(mask) == tld.data.split_digest(mask)
+    assert tld.data.split_digest(mask) != tld.data.split_digest(mask.flip(0))

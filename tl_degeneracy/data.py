@@ -13,7 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +27,7 @@ import torch
 from jaxtyping import Bool, Int
 
 from tl_degeneracy._io import load_tensors, tensors_checksum
-from tl_degeneracy.adapter import as_adapter, load_tokenizer
+from tl_degeneracy.adapter import as_adapter, load_tokenizer, state_dict_source
 from tl_degeneracy.errors import BadInputError
 
 #: fewer counted tokens than this fraction of the ``n_tokens`` asked for is refused by :func:`load_data`
@@ -582,6 +584,49 @@ class ModAddData:
         return correct / len(self)
 
 
+def split_digest(is_train: torch.Tensor) -> str:
+    """The identity of a train/test split: SHA-256 (hex) of the ``is_train`` mask as bytes 0/1, row ``a·p + b``.
+
+    ``scripts/train_modadd.py`` writes it into the model's ``config.json`` (``task.split.is_train_sha256``),
+    and :func:`modadd_data` refuses a token file whose mask has another digest.
+
+    Example::
+
+        split_digest(torch.tensor([True, False]))   # '47dc540c94ceb704a23875c11273e16bb0b8a87aed84de911f2133568115f254'
+    """
+    return hashlib.sha256(is_train.to(torch.uint8).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _modadd_token_file(model: Any, p: int, path: str | os.PathLike | None) -> tuple[Path, str | None, str]:
+    """The token file of ``model``, the split digest its folder records (or None), and where it came from.
+
+    With a model: the file named in its folder's ``config.json`` (``task.tokens_file``, written beside the
+    folder by scripts/train_modadd.py), unless ``path`` is given; a model whose folder is unknown needs
+    ``path``. Without a model: ``path`` or the bundled file.
+    """
+    if model is None:
+        file = Path(path) if path is not None else bundled_data_path(f"modadd-{p}-tokens")
+        return file, None, "the bundled token file" if path is None else "path"
+    folder = state_dict_source(model)
+    if folder is None:
+        if path is None:
+            raise BadInputError(
+                "modadd_data cannot tell which train/test split this model was trained on (it was not loaded "
+                "with tld.load_model from a scripts/train_modadd.py folder); load it that way, or pass "
+                "path=<the modadd-P-tokens.safetensors written with it>"
+            )
+        return Path(path), None, "path"
+    try:
+        task = json.loads((folder / "config.json").read_text()).get("task") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        task = {}
+    digest = (task.get("split") or {}).get("is_train_sha256")
+    if path is not None:
+        return Path(path), digest, f"the model in '{folder}'"
+    return folder.parent / task.get("tokens_file", f"{folder.name}-tokens.safetensors"), digest, \
+        f"the model in '{folder}'"
+
+
 def modadd_data(
     model: Any = None,
     *,
@@ -589,13 +634,21 @@ def modadd_data(
     p: int | None = None,
     path: str | os.PathLike | None = None,
 ) -> ModAddData:
-    """All modular-addition pairs of a bundled token file, or its training or held-out share.
+    """All modular-addition pairs of a model's token file, or its training or held-out share.
+
+    The data follow the model: for a model loaded with :func:`tl_degeneracy.load_model` from a
+    ``scripts/train_modadd.py`` folder (the bundled ``modadd-113`` or any other seed's ``--out``), the token
+    file is the one written beside that folder (``<out>/modadd-{p}-tokens.safetensors``), so each seed's
+    held-out pairs are its own. ``path`` names another file; when the model's ``config.json`` records its split
+    (``task.split.is_train_sha256``, see :func:`split_digest`), a file with another split is refused. A model
+    whose folder is unknown (built in code, a copy) needs ``path``. Without a model: ``path`` or the bundled
+    ``tl_degeneracy/bundled/modadd-{p}-tokens.safetensors``.
 
     ``p`` defaults to the model's (``d_vocab - 1``: tokens ``0..p-1`` are numbers and ``p`` is "="), or to
-    113 without a model; ``path`` defaults to the bundled ``tl_degeneracy/bundled/modadd-{p}-tokens.safetensors``.
-    ``split``: ``"all"`` (the p² pairs, row ``a * p + b``), ``"train"`` (the pairs the bundled model was
-    trained on) or ``"test"`` (the held-out pairs). With a model, the ids are checked against its vocabulary
-    and context. Raises :class:`BadInputError` for an unknown split or a file that does not fit.
+    113 without a model. ``split``: ``"all"`` (the p² pairs, row ``a * p + b``), ``"train"`` (the pairs the
+    model was trained on) or ``"test"`` (the held-out pairs). With a model, the ids are checked against its
+    vocabulary and context. Raises :class:`BadInputError` for an unknown split, a missing file, a file that
+    does not fit or one of another split.
 
     Example::
 
@@ -604,16 +657,18 @@ def modadd_data(
         test.tokens[0], test.labels[0]                   # tensor([0, 0, 113]), tensor(0)
         test.accuracy(model)                             # 1.0 for the bundled model
         data = tld.token_batches(model, test.tokens, count="all", outputs="last", batch_size=1024)
+        seed1 = tld.load_model("seeds/s1/modadd-113")    # its data: seeds/s1/modadd-113-tokens.safetensors
     """
     if split not in ("all", "train", "test"):
         raise BadInputError(f"split must be 'all', 'train' or 'test', got {split!r}")
     adapter = None if model is None else as_adapter(model)
     if p is None:
         p = 113 if adapter is None else adapter.d_vocab - 1
-    file = Path(path) if path is not None else bundled_data_path(f"modadd-{p}-tokens")
+    file, digest, owner = _modadd_token_file(model, p, path)
     if not file.is_file():
         raise BadInputError(
-            f"modular-addition token file '{file}' not found; make one with scripts/train_modadd.py --p {p}"
+            f"modular-addition token file '{file}' (for {owner}) not found; make one with "
+            f"scripts/train_modadd.py --p {p}, or pass path="
         )
     entries, _ = load_tensors(file, what="modular-addition token file")
     missing = {"tokens", "labels", "is_train"} - set(entries)
@@ -622,6 +677,11 @@ def modadd_data(
     tokens, labels, is_train = entries["tokens"].long(), entries["labels"].long(), entries["is_train"].bool()
     if tokens.shape != (p * p, 3) or int(tokens[:, 2].min()) != p or int(tokens[:, 2].max()) != p:
         raise BadInputError(f"'{file}' does not hold the {p * p} inputs [a, b, {p}] of p = {p}")
+    if digest is not None and split_digest(is_train) != digest:
+        raise BadInputError(
+            f"'{file}' holds another train/test split than {owner} was trained on (config.json "
+            f"task.split.is_train_sha256); pass path= the token file written with that model, or leave path out"
+        )
     if adapter is not None:
         _validate(tokens, torch.ones_like(tokens, dtype=torch.bool), adapter.d_vocab, adapter.n_ctx)
     keep = {"all": torch.ones_like(is_train), "train": is_train, "test": ~is_train}[split]

@@ -13,6 +13,7 @@ from tl_degeneracy.adapter.model import (
     load_model,
     load_tokenizer,
     preserved_state,
+    state_dict_source,
     transformer_lens_version,
 )
 from tl_degeneracy.adapter.params import FunctionalModel, parameter_masks, parameter_selections
@@ -28,5 +29,6 @@ __all__ = [
     "parameter_masks",
     "parameter_selections",
     "preserved_state",
+    "state_dict_source",
     "transformer_lens_version",
 ]

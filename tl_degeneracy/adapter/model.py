@@ -20,6 +20,7 @@ import importlib.metadata
 import importlib.resources
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +483,27 @@ _TL_CONFIG_FIELDS = (
 )
 
 
+# the folder each state-dict model was loaded from (weak keys: a model that is garbage-collected drops out);
+# tl_degeneracy.modadd_data reads the token file beside it, so a seed's data follow that seed's model
+_SOURCE_FOLDERS: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+
+
+def state_dict_source(model: Any) -> Path | None:
+    """The folder :func:`load_model` loaded a TransformerLens state-dict model (``modadd-113``) from, or ``None``
+    when this model object did not come from one (built in code, a copy, a HuggingFace model).
+
+    Example::
+
+        state_dict_source(load_model("modadd-113"))    # .../tl_degeneracy/bundled/modadd-113
+    """
+    if isinstance(model, ModelAdapter):
+        model = model.model
+    try:
+        return _SOURCE_FOLDERS.get(model)
+    except TypeError:  # not weak-referenceable: certainly not one of ours
+        return None
+
+
 def _bundled_dir() -> Path:
     """The package's bundled-data folder (``tl_degeneracy/bundled/``, or ``$TL_DEGENERACY_DATA``).
 
@@ -551,4 +573,5 @@ def _load_modadd(path: str | os.PathLike, *, device: str | torch.device, dtype: 
         model = TransformerBridge.boot_native(cfg, device=device, dtype=dtype, model_name=fields["model_name"])
         model.load_state_dict(convert_tl_checkpoint(weights, cfg), strict=True)
     model.eval()
+    _SOURCE_FOLDERS[model] = folder.resolve()
     return model
