@@ -84,34 +84,35 @@ class RunConfig:
     The non-LLC defaults are sized for a look at the bundled model on a laptop CPU in a few minutes.
 
     The SGLD defaults were chosen with :func:`tl_degeneracy.calibrate_llc`'s cells on the bundled model and
-    the data this run samples (2048 tokens in batches of 4 × 128), so that its whole-model estimate at the
-    base nβ is ``converged`` by the library's own verdict (grid, traces and timings in benchmarks/RESULTS.md;
-    whole model at these defaults: λ̂ = 581.1 ± 1.3 (s.e.), MALA acceptance 0.91–0.96 per chain, R̂ 1.015, bulk
-    ESS 1056):
+    the data this run samples (2048 tokens in batches of 4 × 128), so that every estimate of the default stage
+    is ``converged`` by the library's own verdict (grid, traces and timings in benchmarks/RESULTS.md; whole
+    model at these defaults: λ̂ = 586.9 ± 2.7 (s.e.), MALA acceptance 0.96–0.98 per chain, R̂ 1.009, bulk ESS
+    2980):
 
     - **MALA acceptance ≥ 0.9 binds, through step·γ.** The localization gives each of the 1.09·10⁶ sampled
       parameters curvature γ, and MALA's acceptance sees both SGLD's discretisation error on those directions
       (grows with step·γ) and how far their spread still is from equilibrium (decays like e^(−step·γ·t)). On
       the model at γ = 5000: step 2·10⁻⁵ (the old default) 0.65, 6·10⁻⁶ 0.61, 3·10⁻⁶ 0.25 (too slow to
       equilibrate in a 50-step burn-in), 2·10⁻⁶ with 300 burn-in 0.93. The old default's λ̂ was also ~30%
-      above the one at 6·10⁻⁶ (step-size bias).
+      above the one at 6·10⁻⁶ (step-size bias). For one layer (≈ 2·10⁵ parameters) step·γ = 0.02 still gave
+      0.88, so step·γ = 0.01 it is.
     - **γ = 5000, not weaker.** At γ = 1000 (step 6·10⁻⁶) the trace was still rising after 200 steps (R̂ 1.48,
       ESS 8): the weakly curved directions equilibrate in ~1/(step·γ) steps, so a weaker localization needs
       proportionally longer chains.
-    - **Burn-in 300 of 500 steps.** At step·γ = 0.01 the whole-model trace levels off after ~275 steps. Once
-      level, successive draws are nearly independent (the batch changes every step): 4 chains × 200 draws
-      gave a bulk ESS of 1056, far above 50, so the draws could be cut; the burn-in cannot.
-    - **Not every layer converges.** blocks.0 and blocks.1 are ``converged`` too (R̂ 1.06, 1.09); blocks.2 and
-      blocks.3 are not (R̂ 1.15, 1.17: one chain stays ~10% above the others for all 200 draws, and 500 draws of
-      blocks.3 gave R̂ 1.18), a mode slower than any chain this run can afford; their verdicts say so.
+    - **1000 steps, 500 burn-in.** At step·γ = 0.01 the whole-model trace levels off after ~275 steps. The
+      flat directions relax in 2/(step·γ) = 200 steps, and the small per-layer λ̂ of the last layers (13–15)
+      follow them: 200 draws per chain (the old 500/300) gave R̂ 1.15–1.17 for blocks.2/blocks.3, 500 draws
+      R̂ 1.06/1.18. The stage samples an estimate that fails only on mixing again with twice the steps
+      (``llc_max_steps``, default 4 × ``llc_steps``): on the bundled model blocks.2 and blocks.3 take 2000 steps.
+    - **The nβ sweep keeps step·γ.** Its runs at nβ/3 and 3nβ scale the step by nβ₀/nβ and γ by nβ/nβ₀, so
+      every run has the base run's acceptance and equilibration time (both converged).
     - **Batches of 4 sequences.** One sequence per step cost 2.4× less but heated the chains (λ̂ 1340 vs 800
       at the old step), so 4 is the smallest batch kept.
 
-    Cost: 7 estimates × (500 steps + 50 MALA checks) × 4 chains batched ≈ 3850 gradient evaluations for the
-    default stage (was 455); see benchmarks/RESULTS.md for measured times. The nβ sweep's estimates at nβ/3
-    and 3nβ keep γ and step·nβ fixed, which takes step·γ to 0.03 and 0.0033, outside the calibrated region:
-    their verdict says "not converged" (acceptance at nβ/3, too short a burn-in at 3nβ). For another model,
-    run ``tl-degeneracy calibrate`` (or ``run --llc-calibrate``).
+    Cost: 7 estimates × (1000 steps + 50 MALA checks) × 4 chains batched, plus 2 × 2000 steps for blocks.2 and
+    blocks.3 (late layers: the backward stops early, so they are the cheapest) — about 25 minutes of one CPU
+    core; see benchmarks/RESULTS.md for measured times. For another model, run ``tl-degeneracy calibrate`` (or
+    ``run --llc-calibrate``).
     """
 
     model: str | None = None
