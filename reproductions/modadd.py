@@ -91,7 +91,7 @@ BUDGETS = {
     # pairs for the statistics, held-out pairs for the ablations, largest k measured densely, probes,
     # bases whose graphs and edges are computed, and the LLC: pairs, minibatch, nβ ("p2" = the p² inputs of the
     # task), localizations γ, chains, and per selection the calibration grid's step sizes and chain length.
-    # The full budget's LLC settings are llcmod's (/work/notes/llcmod/SETTINGS.md, found for the shipped model
+    # The full budget's LLC settings are from the calibration in benchmarks/RESULTS.md ("LLC calibration of the modular-addition model"), found for the shipped model
     # with calibrate_llc: both cells of each grid converged and flat at γ = 300; λ̂ still depends on γ, so it
     # is quoted with γ and nβ).
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
