@@ -98,7 +98,7 @@ BUDGETS = {
                  edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
                  llc_pairs=512, llc_batch=64, llc_nbeta="p2", llc_gammas=[300.0], llc_chains=4,
                  llc={"model": dict(steps=[2e-6, 2.5e-6], n_steps=3200, n_burnin=2400),
-                      "mlp": dict(steps=[5e-6, 1e-5], n_steps=3200, n_burnin=1200)}),
+                      "mlp": dict(steps=[5e-6, 1e-5], n_steps=6400, n_burnin=3200)}),
     # the small budget only exercises the code: its chains are far too short to converge
     "small": dict(n_stats=2048, n_test=1024, dense_keep=20, top_k=8, n_probes=4, graph_points=1,
                   edge_kinds=["lib", "lib_mse", "pca"],
