@@ -91,9 +91,10 @@ BUDGETS = {
     # pairs for the statistics, held-out pairs for the ablations, largest k measured densely, probes,
     # bases whose graphs and edges are computed, and the LLC: pairs, minibatch, nβ ("p2" = the p² inputs of the
     # task), localizations γ, chains, and per selection the calibration grid's step sizes and chain length.
-    # The full budget's LLC settings are from the calibration in benchmarks/RESULTS.md ("LLC calibration of the modular-addition model"), found for the shipped model
-    # with calibrate_llc: both cells of each grid converged and flat at γ = 300; λ̂ still depends on γ, so it
-    # is quoted with γ and nβ).
+    # The full budget's LLC settings come from the calibration in benchmarks/RESULTS.md ("LLC calibration of the
+    # modular-addition model"), found for the shipped model with calibrate_llc: both cells of each grid converged
+    # and flat at γ = 300; λ̂ still depends on γ, so it is quoted with γ and nβ. The MLP's chains were lengthened
+    # to 6400 / 3200 when two seeds' MLP traces still drifted at 3200 / 1200.
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
                  edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
                  llc_pairs=512, llc_batch=64, llc_nbeta="p2", llc_gammas=[300.0], llc_chains=4,
