@@ -9,6 +9,7 @@ has |computed − exact| ≤ (n − 1)·u·Σ|x_i| (u = 2⁻⁵³, to first orde
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import traceback
@@ -31,6 +32,17 @@ SETTINGS = dict(sites=["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"], jaco
                 head_sync=True, neuron_sync=True, seed=3, progress=False, memory_budget=None)
 N_ROWS, SEQ, BATCH = 10, 12, 2  # 5 batches: an uneven last round on 2 ranks
 U = 2.0**-53
+
+
+def _teardown() -> None:
+    """Leave the process group together: a rank that exits while its peer's gloo connection still carries the last
+    collective's messages makes the peer abort ("terminate called without an active exception", seen under load).
+    A monitored barrier (gloo) first, bounded so that a rank stuck elsewhere cannot hang the test."""
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 def _data(model):
@@ -64,7 +76,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
         Path(f"{folder}/crash-rank{rank}").write_text(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _abs_sums(model) -> dict[str, torch.Tensor]:
@@ -182,7 +194,7 @@ def _llc_worker(rank: int, world: int, folder: str) -> None:
                                                 **{k: v for k, v in LLC.items() if k != "nbeta"})
         sweep.save(f"{folder}/sweep-rank{rank}")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_chain_parallel_llc_on_two_ranks_equals_single_process(tmp_path):
@@ -278,7 +290,7 @@ def _ablation_worker(rank: int, world: int, folder: str) -> None:
         except Exception as err:  # noqa: BLE001 - the parent checks what each rank raised
             Path(f"{folder}/fail-rank{rank}.error").write_text(f"{type(err).__name__}: {err}")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _ablation_setup():
@@ -316,7 +328,7 @@ def _graph_worker(rank: int, world: int, folder: str) -> None:
                                       estimator="probe", n_probes=2, seed=1)
         graph.save(f"{folder}/graph-rank{rank}")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _graph_setup():
