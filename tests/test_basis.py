@@ -530,3 +530,17 @@ def test_interaction_bases_names_the_site_in_warnings() -> None:
 def test_package_exports_the_basis_api() -> None:
     assert tld.interaction_basis is interaction_basis and tld.interaction_bases is interaction_bases
     assert tld.pca_basis is pca_basis and tld.InteractionBasis is InteractionBasis
+
+
+def test_identity_basis_is_the_sites_own_coordinates():
+    mean = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    b = tld.identity_basis(3, mean=mean)
+    a = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(b.transform(a), a - mean, rtol=0, atol=0)  # f̂ = a − μ, exactly
+    torch.testing.assert_close(b.inverse_transform(b.transform(a)), a, rtol=0, atol=1e-15)
+    assert (b.kind, b.dim, b.rank_G) == ("identity", 3, 3)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(tld.BadInputError, match="dim must be"):
+            tld.identity_basis(bad)
+    with pytest.raises(tld.BadInputError, match="mean must be"):
+        tld.identity_basis(3, mean=torch.zeros(2))

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.tl3
 
 BLOCK = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")  # a whole block: attention, MLP, nonlinear
 AFFINE = ("blocks.0.mlp.hook_post", "blocks.0.hook_resid_post")  # b = resid_mid + a W_out + b_out: affine in a
+LOGITS = ("ln_final.hook_normalized", "unembed.hook_out")  # logits = a W_U + b_U: affine, and the last site
 
 
 def _model64(**kw):
@@ -47,6 +48,8 @@ def _random_basis(d, k, seed, kind="test"):
 
 
 def _width(site):
+    if site == LOGITS[1]:
+        return TINY["d_vocab"]
     return TINY["d_mlp"] if ".mlp." in site else TINY["d_model"]
 
 
@@ -114,16 +117,17 @@ def _graph(pair, E, kinds=None):
                                 meta={"basis_kinds": kinds} if kinds else {})
 
 
-def test_edge_ablation_matches_a_brute_force_loop():
+@pytest.mark.parametrize("pair", [BLOCK, LOGITS], ids=["block", "logits"])
+def test_edge_ablation_matches_a_brute_force_loop(pair):
     model = _model64()
     data = _data(model)
-    a, b = BLOCK
+    a, b = pair
     ba, bb = _random_basis(_width(a), 4, seed=1), _random_basis(_width(b), 3, seed=2)
     E = torch.rand(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     keep = [0, 5, 11, 12]
-    curve = tld.edge_ablation_curve(model, data, {a: ba, b: bb}, _graph(BLOCK, E), pair=BLOCK, keep=keep,
+    curve = tld.edge_ablation_curve(model, data, {a: ba, b: bb}, _graph(pair, E), pair=pair, keep=keep,
                                     progress=False)
-    ref = torch.tensor([_reference_kl(model, data, BLOCK, ba, bb, keep_mask(E, k)) for k in keep],
+    ref = torch.tensor([_reference_kl(model, data, pair, ba, bb, keep_mask(E, k)) for k in keep],
                        dtype=torch.float64)
     assert curve.loss[0] > 1e-4  # removing every edge moves the output: the comparison can fail
     # float64 throughout: summation order only (KL values ~1e-2, differences ~1e-16)
@@ -177,7 +181,7 @@ def test_patching_is_exact_for_a_map_affine_in_a():
     E = torch.rand(5, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     keep = keep_mask(E, 9)
     adapter = tld.ModelAdapter(model)
-    for pair, exact in ((AFFINE, True), (BLOCK, False)):
+    for pair, exact in ((AFFINE, True), (LOGITS, True), (BLOCK, False)):
         ba, bb = _random_basis(_width(pair[0]), 5, seed=5), _random_basis(_width(pair[1]), 4, seed=6)
         b0, patched = patched_activation(adapter, batch.tokens, batch.mask, *pair, ba, bb, keep)
         _, lin = _linearised(model, batch.tokens, batch.mask, pair, ba, bb, keep)

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.tl3
 
 ATTN = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid")  # across attention: cross-position terms
 MLP = ("blocks.0.mlp.hook_pre", "blocks.0.hook_resid_post")  # across the MLP's nonlinearity and W_out
+LOGITS = ("blocks.1.hook_resid_post", "unembed.hook_out")  # into the logits, through ln_final (nonlinear)
 CHAIN = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post"]
 
 
@@ -106,14 +107,14 @@ def _reference_edges(model, data, site_a, site_b, ba, bb, alphas, weights):
 
 
 # ---- edges --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pair", [ATTN, MLP], ids=["attention", "mlp"])
+@pytest.mark.parametrize("pair", [ATTN, MLP, LOGITS], ids=["attention", "mlp", "logits"])
 @pytest.mark.parametrize("method", ["integrated", "gradient"])
 def test_exact_edges_match_a_float64_jacrev_of_the_definition(pair, method):
     model = _model64()
     data = _data(model)
     a, b = pair
     ba = _random_basis(tld.ModelAdapter(model).d_mlp if "mlp" in a else TINY["d_model"], 5, seed=1)
-    bb = _random_basis(TINY["d_model"], 4, seed=2)
+    bb = _random_basis(TINY["d_vocab"] if b == LOGITS[1] else TINY["d_model"], 4, seed=2)
     graph = tld.interaction_graph(model, data, {a: ba, b: bb}, [a, b], method=method, n_points=3,
                                   estimator="exact")
     if method == "integrated":
@@ -128,6 +129,30 @@ def test_exact_edges_match_a_float64_jacrev_of_the_definition(pair, method):
     torch.testing.assert_close(E, ref, rtol=1e-9, atol=1e-14)
     if pair == ATTN:  # cross-position terms matter here: the diagonal-in-position part alone differs
         assert E.abs().sum() > 0
+
+
+def test_logits_are_the_last_node_layer_with_the_identity_basis():
+    """The companion's output node layer: the logits in their own coordinates. ``ln_final`` → logits is affine
+    (logits = x W_U + b_U), so E[i, j] = (1/N) Σ_counted (f̂_i (W_Uᵀ C_A⁺)_{j i})², one matrix product (float64:
+    rounding only)."""
+    model = _model64()
+    data = _data(model)
+    a, b = "ln_final.hook_normalized", "unembed.hook_out"
+    assert tld.resolve_sites(model, ["ln_final", "logits"]) == [a, b]
+    ba = _random_basis(TINY["d_model"], 5, seed=1)
+    ident = tld.identity_basis(TINY["d_vocab"])
+    assert ident.dim == TINY["d_vocab"] and torch.equal(ident.C, torch.eye(TINY["d_vocab"], dtype=torch.float64))
+    graph = tld.interaction_graph(model, data, {a: ba, b: ident}, [a, b], method="integrated", n_points=2)
+    W = model.W_U.detach().T @ ba.C_pinv  # [d_vocab, k_A]: logit j per unit of f̂_i
+    ref, n = 0.0, 0
+    for batch in data:
+        f = (_act(model, batch.tokens, a) - ba.mean) @ ba.C.T  # [B, T, k_A]
+        contrib = f[:, :, :, None] * W.T[None, None]  # [B, T, k_A, d_vocab]
+        ref = ref + (contrib ** 2)[batch.mask].sum(0)
+        n += int(batch.mask.sum())
+    torch.testing.assert_close(graph.edges[(a, b)], ref / n, rtol=1e-10, atol=1e-14)
+    with pytest.raises(tld.BadInputError, match="forward order"):  # the logits come after every other site
+        tld.interaction_graph(model, data, {a: ba, b: ident}, [b, a])
 
 
 def test_integrated_and_gradient_methods_differ_on_a_nonlinear_pair():

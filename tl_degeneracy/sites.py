@@ -20,7 +20,9 @@ from typing import Any
 from tl_degeneracy.adapter import as_adapter
 from tl_degeneracy.errors import BadInputError
 
-#: site kind -> hook-name template ({l} is the layer); ``ln_final`` has no layer.
+#: site kind -> hook-name template ({l} is the layer); ``ln_final`` and ``logits`` have no layer. ``logits`` is
+#: the unembedding's output (before any soft cap the architecture applies after it): the companion paper's
+#: output node layer, the last site of an interaction graph.
 SITE_KINDS: dict[str, str] = {
     "resid_pre": "blocks.{l}.hook_resid_pre",
     "resid_mid": "blocks.{l}.hook_resid_mid",
@@ -30,6 +32,7 @@ SITE_KINDS: dict[str, str] = {
     "attn_z": "blocks.{l}.attn.hook_z",
     "attn_pattern": "blocks.{l}.attn.hook_pattern",
     "ln_final": "ln_final.hook_normalized",
+    "logits": "unembed.hook_out",
 }
 
 #: hooks read by the collection passes besides the sites ({l} is the layer)
@@ -84,9 +87,12 @@ def site_kind(name: str) -> str | None:
 
 
 def site_dim(model: Any, name: str) -> int:
-    """Width d of a site's activation vector (``attn_z`` flattens heads: n_heads * d_head)."""
+    """Width d of a site's activation vector (``attn_z`` flattens heads: n_heads * d_head; ``logits``:
+    d_vocab_out)."""
     adapter = as_adapter(model)
     kind = site_kind(name)
+    if kind == "logits":
+        return adapter.d_vocab_out
     if kind in ("mlp_pre", "mlp_post"):
         if adapter.d_mlp is None:
             raise BadInputError(f"site '{name}': this model has no MLP (cfg.d_mlp is None)")

@@ -87,6 +87,8 @@ class ModelAdapter:
         self.n_heads: int = int(cfg.n_heads)
         self.d_head: int = int(cfg.d_head)
         self.d_vocab: int = int(cfg.d_vocab)
+        out = getattr(cfg, "d_vocab_out", -1)  # TransformerLens: −1 means d_vocab
+        self.d_vocab_out: int = self.d_vocab if out is None or int(out) <= 0 else int(out)
         self.n_ctx: int = int(cfg.n_ctx)
         self.act_fn: str | None = getattr(cfg, "act_fn", None)
 

@@ -7,7 +7,14 @@
 """
 
 from tl_degeneracy.analysis.ablation import directions_needed, keep_schedule, predicted_kl, projector
-from tl_degeneracy.analysis.basis import DimCurve, InteractionBasis, interaction_bases, interaction_basis, pca_basis
+from tl_degeneracy.analysis.basis import (
+    DimCurve,
+    InteractionBasis,
+    identity_basis,
+    interaction_bases,
+    interaction_basis,
+    pca_basis,
+)
 from tl_degeneracy.analysis.sync import HeadSync, NeuronSync, head_sync, load_sync, neuron_sync
 
 __all__ = [
@@ -25,4 +32,5 @@ __all__ = [
     "load_sync",
     "neuron_sync",
     "pca_basis",
+    "identity_basis",
 ]

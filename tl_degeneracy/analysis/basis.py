@@ -51,7 +51,7 @@ from tl_degeneracy._io import (
 from tl_degeneracy.analysis.ablation import predicted_kl, projection_hook
 from tl_degeneracy.errors import BadInputError, CorruptFileError, NonFiniteError
 
-__all__ = ["DimCurve", "InteractionBasis", "interaction_basis", "interaction_bases", "pca_basis"]
+__all__ = ["DimCurve", "InteractionBasis", "identity_basis", "interaction_basis", "interaction_bases", "pca_basis"]
 
 Scaling = Literal["sqrt_lambda", "inv_sqrt_lambda", "whitened"]
 _SCALINGS = ("sqrt_lambda", "inv_sqrt_lambda", "whitened")
@@ -117,7 +117,8 @@ _SCALAR_FIELDS = ("kind", "scaling", "rank_G", "rtol", "atol", "gram_tol", "lamb
 class InteractionBasis:
     """A basis of one site's activation space: ``f̂ = C (a − μ)``, ``a ≈ μ + C⁺ f̂``.
 
-    Built by :func:`interaction_basis` (``kind="interaction"``) or :func:`pca_basis` (``kind="pca"``);
+    Built by :func:`interaction_basis` (``kind="interaction"``), :func:`pca_basis` (``kind="pca"``) or
+    :func:`identity_basis` (``kind="identity"``, an output node layer);
     both share this class so they can be used side by side (same ``dim``, ``dim_curve``, ``transform``).
     All tensors are float64.
 
@@ -508,6 +509,30 @@ def pca_basis(
         lambda_tol=lambda_tol,
         lambda_floor=floor,
     )
+
+
+def identity_basis(dim: int, *, mean: Float[Tensor, " d"] | None = None) -> InteractionBasis:
+    """The site's own coordinates as a basis (``kind="identity"``): ``C = C⁺ = I_d``, ``f̂ = a − μ``.
+
+    The companion paper's output node layer: the logits with the identity metric (its MSE loss), the last site
+    of an interaction graph (``sites=[..., "unembed.hook_out"]``, site kind ``logits``), so the edges into it
+    say how much each direction of the site before moves each logit. Unlike the other bases its rows are
+    not ordered by a spectrum: ``lambdas`` are all 1 and row j is coordinate j (logit j).
+
+    Example::
+
+        >>> b = identity_basis(3)
+        >>> b.dim, b.C.tolist()[0], b.kind
+        (3, [1.0, 0.0, 0.0], 'identity')
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise BadInputError(f"dim must be an integer >= 1, got {dim!r}")
+    eye = torch.eye(dim, dtype=torch.float64)
+    ones = torch.ones(dim, dtype=torch.float64)
+    return InteractionBasis(C=eye, C_pinv=eye.clone(), lambdas=ones, all_lambdas=ones.clone(),
+                            gram_eigenvalues=ones.clone(), mean=_mean64(mean, dim, eye.device), rank_G=dim,
+                            kind="identity", scaling="identity", rtol=0.0, atol=0.0, gram_tol=0.0, lambda_tol=0.0,
+                            lambda_floor=0.0)
 
 
 def interaction_bases(

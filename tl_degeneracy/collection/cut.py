@@ -8,7 +8,8 @@ many cotangents), in chunks.
 
 Sites allowed at A are those whose hooked tensor is the one every later computation reads (``resid_pre``,
 ``resid_post``, ``mlp_pre``, ``mlp_post``, ``ln_final``, and ``resid_mid`` where the adapter has a single
-gradient hook for it); ``attn_z`` and ``attn_pattern`` are refused (ECOSYSTEM.md gotcha 3).
+gradient hook for it); ``attn_z`` and ``attn_pattern`` are refused (ECOSYSTEM.md gotcha 3). ``logits`` (the
+unembedding's output) comes after every other site and can only be B, the end of a chain.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ class _Stop(Exception):
 
 
 def forward_key(adapter: ModelAdapter, site: str) -> tuple[int, int]:
-    """(layer, place in the block) of a site; ``ln_final`` comes after every block."""
+    """(layer, place in the block) of a site; ``ln_final`` comes after every block, ``logits`` after it."""
     kind = site_kind(site)
-    if kind == "ln_final":
-        return (adapter.n_layers, 0)
+    if kind in ("ln_final", "logits"):
+        return (adapter.n_layers, 0 if kind == "ln_final" else 1)
     if kind is None or kind not in _ORDER:
         raise BadInputError(
-            f"'{site}' is not a vector site of the interaction graph; use hook names of kinds {_CUTTABLE}"
+            f"'{site}' is not a vector site of the interaction graph; use hook names of kinds {_CUTTABLE} "
+            "(and 'logits' as the last site)"
         )
     return (int(site_layer(site)), _ORDER[kind])
 
@@ -69,22 +71,31 @@ def check_site_chain(adapter: ModelAdapter, sites: Sequence[str]) -> list[str]:
     return sites
 
 
-def activation(adapter: ModelAdapter, tokens: torch.Tensor, site: str) -> torch.Tensor:
-    """The activation at ``site`` (detached), the forward stopped right after it."""
+def forward_until(
+    adapter: ModelAdapter, tokens: torch.Tensor, stop: str, fwd_hooks: Sequence = (), *, grad: bool = False,
+) -> torch.Tensor:
+    """The activation at ``stop`` with ``fwd_hooks`` attached (they run first, e.g. a replacement at an earlier
+    site); the forward stops right after ``stop``, so nothing later is computed. Keeps the autograd graph only
+    with ``grad=True``."""
     box: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
-        box["a"] = act.detach()
+        box["b"] = act
         raise _Stop
 
-    with adapter.hooks(fwd_hooks=[(site, grab)]), torch.no_grad():
+    with adapter.hooks(fwd_hooks=[*fwd_hooks, (stop, grab)]), torch.set_grad_enabled(grad):
         try:
             adapter.forward(tokens)
         except _Stop:
             pass
-    if "a" not in box:
-        raise RuntimeError(f"the forward pass did not reach '{site}'")
-    return box["a"]
+    if "b" not in box:
+        raise RuntimeError(f"the forward pass did not reach '{stop}'")
+    return box["b"]
+
+
+def activation(adapter: ModelAdapter, tokens: torch.Tensor, site: str) -> torch.Tensor:
+    """The activation at ``site`` (detached), the forward stopped right after it."""
+    return forward_until(adapter, tokens, site).detach()
 
 
 def cut_forward(
@@ -93,23 +104,11 @@ def cut_forward(
 ) -> torch.Tensor:
     """b computed from ``replace(a)`` at A (``a`` detached); the forward stops at B. Keeps the autograd graph
     (``grad=False``: builds none, for passes that only read b)."""
-    box: dict[str, torch.Tensor] = {}
 
     def cut(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return replace(act.detach())
 
-    def grab(act: torch.Tensor, hook: Any) -> None:
-        box["b"] = act
-        raise _Stop
-
-    with adapter.hooks(fwd_hooks=[(site_a, cut), (site_b, grab)]), torch.set_grad_enabled(grad):
-        try:
-            adapter.forward(tokens)
-        except _Stop:
-            pass
-    if "b" not in box:
-        raise RuntimeError(f"the forward pass did not reach '{site_b}' after '{site_a}'")
-    return box["b"]
+    return forward_until(adapter, tokens, site_b, [(site_a, cut)], grad=grad)
 
 
 def batched_vjp(output: torch.Tensor, leaf: torch.Tensor, n: int,

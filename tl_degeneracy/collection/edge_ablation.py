@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_degeneracy.adapter import ModelAdapter
-from tl_degeneracy.collection.cut import _Stop, cut_forward
+from tl_degeneracy.collection.cut import cut_forward, forward_until
 from tl_degeneracy.collection.engine import flatten_site
 from tl_degeneracy.data import TokenBatch
 from tl_degeneracy.errors import BadInputError
@@ -66,18 +66,10 @@ def _both(adapter: ModelAdapter, tokens: Tensor, site_a: str, site_b: str) -> tu
     def grab_a(act: Tensor, hook: Any) -> None:
         box["a"] = act.detach()
 
-    def grab_b(act: Tensor, hook: Any) -> None:
-        box["b"] = act.detach()
-        raise _Stop
-
-    with adapter.hooks(fwd_hooks=[(site_a, grab_a), (site_b, grab_b)]), torch.no_grad():
-        try:
-            adapter.forward(tokens)
-        except _Stop:
-            pass
-    if "b" not in box or "a" not in box:
-        raise RuntimeError(f"the forward pass did not reach '{site_a}' and '{site_b}'")
-    return box["a"], box["b"]
+    b = forward_until(adapter, tokens, site_b, [(site_a, grab_a)]).detach()
+    if "a" not in box:
+        raise RuntimeError(f"the forward pass did not reach '{site_a}' before '{site_b}'")
+    return box["a"], b
 
 
 def _replaced(adapter: ModelAdapter, tokens: Tensor, site_a: str, site_b: str, a_new: Tensor) -> Tensor:
