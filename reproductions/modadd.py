@@ -19,8 +19,9 @@ the logits; ``estimator="exact"``), and PCA, and then:
   in the top frequency; a basis's Fourier sparsity is the mean of that fraction over its kept directions;
 - for each basis, the interaction graph of its kept directions (integrated gradients) and the edges needed per
   consecutive site pair to keep the held-out accuracy within 0.1% (``edges_needed(..., loss="top1",
-  tolerance=0.001)``, bisection); the companion's third pair, unembed → logits, cannot be formed (the logits
-  are not a site);
+  tolerance=0.001)``, bisection), and for the companion's third pair, unembed → logits: the logits
+  (``unembed.hook_out``, site kind ``logits``) in their own coordinates (``tld.identity_basis``), at the answer
+  position only (``count="last"``: the companion's node layers after the attention hold the last position);
 - modules of each graph (``find_modules``) against the leading frequencies: adjusted mutual information over
   nodes with a clear frequency (fraction ≥ ``CLEAR``);
 - ``neuron_sync`` blocks of the MLP and whether the neurons in a block share a leading frequency;
@@ -37,6 +38,8 @@ Run (from the repository root; RESULTS.md says which command made its numbers)::
     python reproductions/modadd.py --small --out /tmp/modadd-small          # the test's budget (≈ 1 min)
     python reproductions/modadd.py --combine a/results.json b/results.json --out runs/all    # one table
     python reproductions/modadd.py --llc-into runs/modadd/results.json --out runs/modadd-llc  # only the LLC
+    python reproductions/modadd.py --combine a/results.json b/results.json --llc-from runs/modadd-llc/results.json \
+        --out runs/all                                                  # join an LLC run to runs of the same weights
 
 Other seeds are made with ``python scripts/train_modadd.py --seed S --split-seed S --out seeds/sS``
 (deterministic; tens of minutes of CPU each). It writes ``results.json`` and ``table.md`` into ``--out``
@@ -66,7 +69,8 @@ import torch
 import tl_degeneracy as tld
 
 SITES = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post")
-SITE_LABELS = {SITES[0]: "ln1.0", SITES[1]: "ln2.0", SITES[2]: "unembed"}
+LOGITS = "unembed.hook_out"  # the companion's output node layer: the logits, identity basis
+SITE_LABELS = {SITES[0]: "ln1.0", SITES[1]: "ln2.0", SITES[2]: "unembed", LOGITS: "logits"}
 MLP_SITE = "blocks.0.mlp.hook_post"
 #: a direction (or neuron) has a clear frequency when at least this fraction of its power is in one frequency
 CLEAR = 0.5
@@ -80,7 +84,8 @@ PAPER = {
         "pca": {"ln1.0": [13, 9, 10, 8, 13], "ln2.0": [17, 13, 15, 13, 17], "unembed": [8, 10, 7, 7, 9]},
     },
     "of": 129,  # their bases carry the constant direction; ours are centred (128)
-    "edges_needed_mean": {"lib": [86.6, 74.0, 634.2], "pca": [117.4, 85.2, 662.6]},
+    "edges_needed_mean": {"lib": {"ln1.0→ln2.0": 86.6, "ln2.0→unembed": 74.0, "unembed→logits": 634.2},
+                          "pca": {"ln1.0→ln2.0": 117.4, "ln2.0→unembed": 85.2, "unembed→logits": 662.6}},
     "seed0_ln1.0_frequencies": [15, 1, 18, 56, 8, 36],
 }
 
@@ -92,9 +97,10 @@ BUDGETS = {
     # bases whose graphs and edges are computed, and the LLC: pairs, minibatch, nβ ("p2" = the p² inputs of the
     # task), localizations γ, chains, and per selection the calibration grid's step sizes and chain length.
     # The full budget's LLC settings come from the calibration in benchmarks/RESULTS.md ("LLC calibration of the
-    # modular-addition model"), found for the shipped model with calibrate_llc: both cells of each grid converged
-    # and flat at γ = 300; λ̂ still depends on γ, so it is quoted with γ and nβ. The MLP's chains were lengthened
-    # to 6400 / 3200 when two seeds' MLP traces still drifted at 3200 / 1200.
+    # modular-addition model"), found with calibrate_llc for the weight-decay-3.0 model shipped then: both cells
+    # of each grid converged and flat at γ = 300; λ̂ still depends on γ, so it is quoted with γ and nβ. The MLP's
+    # chains were lengthened to 6400 / 3200 when two seeds' MLP traces still drifted at 3200 / 1200. Every cell
+    # of the three weight-decay-1.0 seeds (the shipped model is seed 0) converged with these settings.
     "full": dict(n_stats=None, n_test=None, dense_keep=40, top_k=16, n_probes=8, graph_points=4,
                  edge_kinds=["lib", "lib_mse", "pca", "interaction", "interaction_mse"],
                  llc_pairs=512, llc_batch=64, llc_nbeta="p2", llc_gammas=[300.0], llc_chains=4,
@@ -267,6 +273,11 @@ class _Setup:
         self.data = tld.token_batches(self.model, self.stats_tokens, batch_size=1024, count="all", outputs="last")
         self.test_data = tld.token_batches(self.model, self.test_tokens, batch_size=2048, count="all",
                                            outputs="last")
+        # the pair into the logits: the answer position only, at both ends
+        self.data_last = tld.token_batches(self.model, self.stats_tokens, batch_size=1024, count="last",
+                                           outputs="last")
+        self.test_data_last = tld.token_batches(self.model, self.test_tokens, batch_size=2048, count="last",
+                                                outputs="last")
 
 
 def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = None,
@@ -357,7 +368,9 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = N
             pairs.append({"pair": f"{SITE_LABELS[a]}→{SITE_LABELS[b]}", "n_edges": needed.n_edges,
                           "n_total": needed.n_total, "dims": needed.meta["dims"], "probed": needed.probed,
                           "top1": [float(x) for x in needed.loss]})
-        res["edges"][kind] = {"pairs": pairs, "total": sum(x["n_edges"] for x in pairs)}
+        pairs.append(_edges_into_logits(su, kept[SITES[2]], budget))
+        res["edges"][kind] = {"pairs": pairs, "total": sum(x["n_edges"] for x in pairs),
+                              "total_before_logits": sum(x["n_edges"] for x in pairs[:-1])}
         res["modules"][kind] = _modules(graph, res, kind, lib_sites, seed)
         _log(f"{kind}: edges needed {[x['n_edges'] for x in pairs]}, modules {res['modules'][kind]['n_modules']}, "
              f"AMI {res['modules'][kind]['ami']}")
@@ -390,6 +403,19 @@ def run(model_name: str, budget: dict[str, Any], *, seed: int = 0, save: Any = N
         save(res)
     res["seconds"] = time.perf_counter() - t_start
     return res
+
+
+def _edges_into_logits(su: _Setup, kept: Any, budget: dict[str, Any]) -> dict[str, Any]:
+    """Edges needed from the kept directions before the unembedding to the logits (identity basis), at the
+    answer position: the companion's third pair."""
+    u, ident = SITES[2], tld.identity_basis(su.p)
+    bases = {u: kept, LOGITS: ident}
+    graph = tld.interaction_graph(su.model, su.data_last, bases, [u, LOGITS], method="integrated",
+                                  n_points=budget["graph_points"], estimator="exact")
+    needed = tld.edges_needed(su.model, su.test_data_last, bases, graph, pair=(u, LOGITS),
+                              tolerance=EDGE_TOLERANCE, loss="top1", progress=False)
+    return {"pair": f"{SITE_LABELS[u]}→{SITE_LABELS[LOGITS]}", "n_edges": needed.n_edges, "n_total": needed.n_total,
+            "dims": needed.meta["dims"], "probed": needed.probed, "top1": [float(x) for x in needed.loss]}
 
 
 def _modules(graph: Any, res: dict[str, Any], kind: str, sites: list[str], seed: int) -> dict[str, Any]:
@@ -484,10 +510,9 @@ def table(results: list[dict[str, Any]]) -> str:
                          f"{ptxt} | {'/'.join(_fmt(d) for d in dims)} | {share} | {clear} |")
     lines += ["", "The companion's LIB and PCA columns are set beside our `mse` LIB and PCA (their metric).", "",
               "### Edges needed (edge ablation by bisection, held-out top-1 answers changed on ≤ 0.1% of pairs)", "",
-              "Graph of each basis with its kept directions as nodes (integrated gradients); the companion's third "
-              "pair, unembed → output logits, is not a pair we can form (the logits are not a site), so totals "
-              "are over the first two pairs; the companion's total over those two is given beside its total of "
-              "three.", "",
+              "Graph of each basis with its kept directions as nodes (integrated gradients); the third pair ends at "
+              "the logits in their own coordinates (identity basis, answer position only), as the companion's "
+              "output node layer. Totals are over the three pairs, and over the first two beside them.", "",
               "| pair | basis | ours, per seed (of k_A·k_B) | ours, mean ± sd | companion, mean of 5 |",
               "|---|---|---|---|---|"]
     kinds = [k for k in KIND_NAMES if any(k in (r.get("edges") or {}) for r in results)]
@@ -497,22 +522,26 @@ def table(results: list[dict[str, Any]]) -> str:
             for x in r.get("edges", {}).get(k, {}).get("pairs", []):
                 if x["pair"] not in pair_names:
                     pair_names.append(x["pair"])
-    for i, pair in enumerate(pair_names):
+    for pair in pair_names:
         for kind in kinds:
             vals, cells = [], []
             for r in results:
                 x = next((x for x in r.get("edges", {}).get(kind, {}).get("pairs", []) if x["pair"] == pair), None)
                 vals.append(None if x is None else x["n_edges"])
                 cells.append("n/a" if x is None else f"{x['n_edges']} ({x['n_total']})")
-            paper = PAPER["edges_needed_mean"].get(kind.replace("_mse", "")) if kind in ("lib_mse", "pca") else None
+            paper = _paper_edges(kind)
             lines.append(f"| {pair} | {KIND_NAMES[kind]} | {' / '.join(cells)} | {mean_sd(vals)} | "
-                         f"{paper[i] if paper and i < len(paper) else '—'} |")
-    for kind in kinds:
-        totals = [r.get("edges", {}).get(kind, {}).get("total") for r in results]
-        paper = PAPER["edges_needed_mean"].get(kind.replace("_mse", "")) if kind in ("lib_mse", "pca") else None
-        ptxt = (f"{sum(paper[:len(pair_names)]):.1f} (all three pairs: {sum(paper):.1f})" if paper else "—")
-        lines.append(f"| total | {KIND_NAMES[kind]} | {' / '.join(_fmt(t) for t in totals)} | {mean_sd(totals)} | "
-                     f"{ptxt} |")
+                         f"{paper.get(pair, '—') if paper else '—'} |")
+    for name, key, pairs in (("total", "total", list(_PAIR_NAMES)),
+                             ("total before the logits", "total_before_logits", list(_PAIR_NAMES)[:2])):
+        for kind in kinds:
+            totals = [_edge_total(r, kind, key) for r in results]
+            if all(t is None for t in totals):
+                continue
+            paper = _paper_edges(kind)
+            ptxt = f"{sum(paper[x] for x in pairs):.1f}" if paper else "—"
+            lines.append(f"| {name} | {KIND_NAMES[kind]} | {' / '.join(_fmt(t) for t in totals)} | "
+                         f"{mean_sd(totals)} | {ptxt} |")
 
     lines += ["", "### Leading frequencies of the kept directions (in order of the basis), seed by seed", ""]
     for lab, r in zip(labels, results, strict=True):
@@ -555,6 +584,25 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PAIR_NAMES = ("ln1.0→ln2.0", "ln2.0→unembed", "unembed→logits")
+
+
+def _edge_total(res: dict[str, Any], kind: str, key: str) -> int | None:
+    """A run's total edges needed over the three pairs (``total``) or the first two; runs recorded before the
+    pair into the logits existed have only the latter (their ``total``)."""
+    edges = (res.get("edges") or {}).get(kind)
+    if edges is None:
+        return None
+    if "total_before_logits" not in edges:  # no pair into the logits in this run
+        return edges["total"] if key == "total_before_logits" else None
+    return edges[key]
+
+
+def _paper_edges(kind: str) -> dict[str, float] | None:
+    """The companion's mean edges needed per pair for our basis of the same kind (their metric: our ``mse``)."""
+    return PAPER["edges_needed_mean"].get(kind.replace("_mse", "")) if kind in ("lib_mse", "pca") else None
+
+
 def _llc(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "not run"
@@ -587,6 +635,28 @@ def _write(out: Path, results: list[dict[str, Any]], env: dict[str, Any]) -> Non
     (out / "table.md").write_text(table(results))
 
 
+def _join_llc(results: list[dict[str, Any]], sources: list[Path]) -> list[dict[str, Any]]:
+    """Each result's LLC from the entry of ``sources`` whose model has the same weights (by fingerprint: the
+    same weights under another path are the same model); a result with no such entry is refused. Returns the
+    sources' environments (where and when the LLC ran), for the output's ``env``."""
+    loaded = [json.loads(path.read_text()) for path in sources]
+    donors = [r for one in loaded for r in one["results"] if r.get("llc")]
+    prints: dict[str, str] = {}
+
+    def fingerprint(name: str) -> str:
+        if name not in prints:
+            prints[name] = tld.ModelAdapter(tld.load_model(name)).weights_fingerprint()
+        return prints[name]
+
+    for res in results:
+        match = next((d for d in donors if fingerprint(d["model"]) == fingerprint(res["model"])), None)
+        if match is None:
+            raise SystemExit(f"--llc-from: no LLC there for the weights of {res['model']}; run --llc-into on it")
+        res.update(llc=match["llc"], llc_seconds=match.get("llc_seconds"), llc_budget=match.get("llc_budget"),
+                   llc_source={"model": match["model"], "weights": fingerprint(res["model"])})
+    return [env for one in loaded for env in (one["env"] if isinstance(one["env"], list) else [one["env"]])]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["modadd-113"],
@@ -599,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
                          "into --out")
     ap.add_argument("--combine", type=Path, nargs="+", default=None,
                     help="results.json files of runs made separately (e.g. one seed each): one table of all")
+    ap.add_argument("--llc-from", type=Path, nargs="+", default=None,
+                    help="results.json files of --llc-into runs: each model's LLC is taken from the entry with the "
+                         "same weights (compared by fingerprint) instead of being computed")
     ap.add_argument("--out", type=Path, required=True, help="folder for results.json and table.md")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -611,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             loaded = json.loads(path.read_text())
             results += loaded["results"]
             envs += loaded["env"] if isinstance(loaded["env"], list) else [loaded["env"]]
+        if args.llc_from:
+            envs += _join_llc(results, args.llc_from)
         _write(args.out, results, envs)
         print(table(results))
         return 0
@@ -631,8 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "partial.json").write_text(json.dumps({"done": results, "running": partial}, indent=1))
 
     for m in args.models:
-        results.append(run(m, budget, save=save, llc=not args.no_llc))
-    _write(args.out, results, _environment())
+        results.append(run(m, budget, save=save, llc=not (args.no_llc or args.llc_from)))
+    env: Any = _environment()
+    if args.llc_from:
+        env = [env, *_join_llc(results, args.llc_from)]
+    _write(args.out, results, env)
     print(table(results))
     return 0
 

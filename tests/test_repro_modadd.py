@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def test_ablation_losses_on_a_model_with_a_smaller_output_vocabulary(modadd):
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "reproductions" / "modadd.py"
 RECORDED = REPO / "reproductions" / "results" / "modadd-113.json"
+MODEL_DIR = REPO / "tl_degeneracy" / "bundled" / "modadd-113"
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +245,28 @@ def test_llc_into_replaces_only_the_llc(repro, tmp_path):
         assert res["llc"][name]["n_pairs"] == small["llc_pairs"]
     assert res["sites"] == recorded["sites"] and res["edges"] == recorded["edges"]  # the rest is kept
     assert len(out["env"]) == 2 and out["env"][-1]["part"] == "llc"
+
+
+def test_llc_from_joins_the_llc_of_the_same_weights_only(repro, tmp_path):
+    """``--llc-from``: an LLC computed separately joins the result whose model has the same weights (found by
+    fingerprint, whatever the path); a model with other weights gets none and the run is refused."""
+    from safetensors.torch import load_file, save_file
+
+    recorded = _recorded_shipped()
+    bare = {k: v for k, v in recorded.items() if not k.startswith("llc")}
+    (tmp_path / "run.json").write_text(json.dumps({"env": {"date": "d"}, "results": [bare]}))
+    same = tmp_path / "same" / "modadd-113"  # the shipped weights under another path
+    shutil.copytree(MODEL_DIR, same)
+    marker = json.loads(json.dumps(recorded["llc"]))
+    marker["model"]["marker"] = "from llc.json"
+    (tmp_path / "llc.json").write_text(json.dumps({"env": {}, "results": [{"model": str(same), "llc": marker}]}))
+    assert repro.main(["--combine", str(tmp_path / "run.json"), "--llc-from", str(tmp_path / "llc.json"),
+                       "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
+    assert res["llc"] == marker and res["llc_source"]["model"] == str(same)
+    weights = load_file(str(same / "model.safetensors"))
+    weights["unembed.W_U"] = weights["unembed.W_U"] * 1.001  # other weights, same path
+    save_file(weights, str(same / "model.safetensors"))
+    with pytest.raises(SystemExit, match="no LLC there"):
+        repro.main(["--combine", str(tmp_path / "run.json"), "--llc-from", str(tmp_path / "llc.json"),
+                    "--out", str(tmp_path / "out2")])
