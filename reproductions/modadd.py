@@ -584,7 +584,7 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_PAIR_NAMES = ("ln1.0→ln2.0", "ln2.0→unembed", "unembed→logits")
+_PAIR_NAMES = tuple(PAPER["edges_needed_mean"]["lib"])  # the companion's three pairs, in forward order
 
 
 def _edge_total(res: dict[str, Any], kind: str, key: str) -> int | None:

@@ -27,10 +27,10 @@ __all__ = [
     "projector",
     "NeuronSync",
     "head_sync",
+    "identity_basis",
     "interaction_bases",
     "interaction_basis",
     "load_sync",
     "neuron_sync",
     "pca_basis",
-    "identity_basis",
 ]
