@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -277,11 +277,15 @@ def train(
     return w, summary
 
 
-def split_digest(is_train: torch.Tensor) -> str:
-    """SHA-256 (hex) of the ``is_train`` mask as bytes 0/1: the split's identity in ``config.json``
-    (``tl_degeneracy.data.split_digest`` computes the same; ``tld.modadd_data`` refuses a token file whose
-    split has another digest than the model's folder records)."""
-    return hashlib.sha256(is_train.to(torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+def _library() -> Any:
+    """``tl_degeneracy`` of this checkout (not another installed copy)."""
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import tl_degeneracy
+
+    return tl_degeneracy
 
 
 def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: int, frac_train: float) -> Path:
@@ -304,7 +308,7 @@ def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: in
             "answer": "(a + b) mod p, read at the last position (index 2), logits over the p number tokens",
             "tokens_file": f"modadd-{p}-tokens.safetensors",
             "split": {"split_seed": split_seed, "frac_train": frac_train, "n_train": int(is_train.sum()),
-                      "is_train_sha256": split_digest(is_train)},
+                      "is_train_sha256": _library().data.split_digest(is_train)},
         },
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -326,12 +330,7 @@ def save(out: Path, w: dict[str, torch.Tensor], summary: dict, *, split_seed: in
 
 def check_through_transformer_lens(folder: Path, w: dict[str, torch.Tensor], p: int) -> dict:
     """Load the saved folder with ``tl_degeneracy.load_model`` and compare with the training forward."""
-    import sys
-
-    if str(REPO) not in sys.path:  # this checkout's library, not another installed copy
-        sys.path.insert(0, str(REPO))
-    import tl_degeneracy as tld
-
+    tld = _library()
     model = tld.load_model(folder)
     tokens, labels = all_pairs(p)
     with torch.no_grad():

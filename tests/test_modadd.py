@@ -264,8 +264,12 @@ def test_modadd_data_refuses_to_guess_the_split_of_an_unknown_model(tmp_path):
         tld.modadd_data(tld.load_model(folder))
 
 
-def test_split_digest_matches_the_training_script(tmp_path):
-    entries = load_file(str(TOKENS))
-    mask = entries["is_train"]
-    assert _script().split_digest(mask) == tld.data.split_digest(mask)
+def test_the_training_script_records_the_digest_of_the_split_it_writes(tmp_path):
+    script = _script()
+    w, summary = script.train(p=13, max_steps=1, check_every=1, log=False)
+    folder = script.save(tmp_path, w, summary, split_seed=summary["split_seed"], frac_train=summary["frac_train"])
+    recorded = json.loads((folder / "config.json").read_text())["task"]["split"]["is_train_sha256"]
+    written = load_file(str(tmp_path / "modadd-13-tokens.safetensors"))["is_train"]
+    assert recorded == tld.data.split_digest(written)
+    mask = load_file(str(TOKENS))["is_train"]
     assert tld.data.split_digest(mask) != tld.data.split_digest(mask.flip(0))
