@@ -238,6 +238,11 @@ def _shown(value: float, bound: float, kind: str, digits: int) -> str:
     return text
 
 
+def _acceptances(diag: dict[str, Any]) -> list[float]:
+    """The live chains' measured MALA acceptances (missing and NaN left out)."""
+    return [a for a in diag.get("mala_acceptance", []) if a is not None and a == a]
+
+
 def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     """``(converged, reasons)`` from an :class:`~tl_degeneracy.LLCResult`'s diagnostics.
 
@@ -245,7 +250,7 @@ def verdict(diag: dict[str, Any]) -> tuple[bool, list[str]]:
     ``MIN_CHAIN_ACCEPTANCE``; rank-normalised R̂ ≤ ``MAX_R_HAT``; bulk ESS ≥ ``MIN_ESS``; the plateau test
     passed; no chain diverged. ``reasons`` names each failed check with its value."""
     reasons: list[str] = []
-    acc = [a for a in diag.get("mala_acceptance", []) if a is not None and a == a]
+    acc = _acceptances(diag)
     if not acc:
         reasons.append("no MALA acceptance measured (mala_every=0)")
     elif sum(acc) / len(acc) < MIN_ACCEPTANCE:
@@ -287,5 +292,5 @@ def needs_longer_chains(diag: dict[str, Any]) -> bool:
     converged, _ = verdict(diag)
     if converged or diag.get("dropped_chains"):
         return False
-    acc = [a for a in diag.get("mala_acceptance", []) if a is not None and a == a]
+    acc = _acceptances(diag)
     return bool(acc) and sum(acc) / len(acc) >= MIN_ACCEPTANCE and min(acc) >= MIN_CHAIN_ACCEPTANCE
